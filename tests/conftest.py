@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# One setting finds the shared data: ZEROKIT_DATA, default ../shared/data beside the repo.
+DATA_DIR = Path(os.environ.get("ZEROKIT_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    # A missing data folder is a failure, never a skip (CI must not go green without it).
+    if not (DATA_DIR / "tinyshakespeare" / "input.txt").is_file():
+        pytest.fail(f"shared data not found at {DATA_DIR}: set ZEROKIT_DATA to the folder holding tinyshakespeare/, sst2/, dialogsum/")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
