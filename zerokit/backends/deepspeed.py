@@ -1,0 +1,125 @@
+"""DeepSpeed ZeRO 0-3 (and offload) from a plain DeepSpeed JSON.
+
+`"auto"` values are filled from the run config here, the one place that does it; a
+value written out in the JSON that contradicts the run is a UsageError rather than a
+silent override (DeepSpeed itself would, e.g., clip gradients at 1.0 when the JSON
+omits `gradient_clipping`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from zerokit.backends import resolve_precision
+from zerokit.dist import DistInfo
+from zerokit.errors import UsageError
+from zerokit.optim import build_adamw, set_lr
+
+
+def load_ds_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"DeepSpeed config not found: {path}; pass an existing JSON, e.g. ds_config=ds_configs/zero2.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"malformed DeepSpeed JSON {path} (line {e.lineno}, column {e.colno}): {e.msg}") from None
+
+
+def _fill(section: dict, key: str, value, where: str, fix: str) -> None:
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise UsageError(f"DeepSpeed config sets {where}{key}={current!r} but the run needs {value!r}; "
+                         f"set it to \"auto\" in the JSON or {fix}")
+
+
+def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None, precision: str) -> dict:
+    """Fill "auto" values from the run and reject values that contradict it."""
+    ds = json.loads(json.dumps(ds))  # a private copy
+    mb, ga = train.micro_batch_size, train.grad_accum
+    _fill(ds, "train_micro_batch_size_per_gpu", mb, "", f"set train.micro_batch_size={ds.get('train_micro_batch_size_per_gpu')}")
+    _fill(ds, "gradient_accumulation_steps", ga, "", f"set train.grad_accum={ds.get('gradient_accumulation_steps')}")
+    _fill(ds, "train_batch_size", mb * ga * world_size, "",
+          f"make train.micro_batch_size x train.grad_accum x {world_size} ranks equal it")
+    _fill(ds, "gradient_clipping", float(train.grad_clip), "", f"set train.grad_clip={ds.get('gradient_clipping')}")
+    for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        sec = ds.setdefault(key, {})
+        _fill(sec, "enabled", on, f"{key}.", f"set train.precision={'bf16' if key == 'bf16' and sec.get('enabled') else precision}")
+    if "optimizer" in ds:  # the user wants DeepSpeed's own optimizer; feed it the run's hyper-parameters
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", train.lr), ("betas", list(train.betas)), ("eps", train.eps),
+                           ("weight_decay", train.weight_decay)):
+            _fill(params, key, value, "optimizer.params.", f"set train.{key}")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if hidden_size:  # the bucket sizes Hugging Face's integration derives from the width
+        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    off = ds.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+    return off.get("device", "none") in ("cpu", "nvme")
+
+
+class DeepSpeedBackend:
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds_path: str):
+        import deepspeed
+        self.info = info
+        self.precision = resolve_precision(train.precision, info.device)
+        hidden = getattr(model.config, "hidden_size", None) if hasattr(model, "config") else None
+        self.ds_config = resolve_ds_config(load_ds_json(ds_path), train, info.world_size, hidden, self.precision)
+        self.stage = self.ds_config["zero_optimization"].get("stage", 0)
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay,
+                                    cpu_adam=offloads_optimizer(self.ds_config))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+                                                    model_parameters=params, dist_init_required=False)
+        self.model = self.engine
+        self.module = self.engine.module
+        # The optimizer that holds the hyper-parameters (DeepSpeed wraps it for ZeRO).
+        self.optimizer = optimizer or self.engine.optimizer
+
+    def autocast(self):
+        # The engine casts weights itself (bf16/fp16 sections, or the mixed-precision policy).
+        return contextlib.nullcontext()
+
+    def micro_batch(self, sync: bool):
+        # DeepSpeed decides when to reduce from its own micro-step counter (gradient_accumulation_steps).
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        # The loop already divided by the window's token count: no further 1/GAS scaling.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not sync:
+            self.engine.step()  # only advances DeepSpeed's micro-step counter inside a window
+
+    def step(self):
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(float(norm))
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def save(self, path) -> None:
+        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+
+    def load(self, path) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UsageError(f"no DeepSpeed checkpoint in {path}/deepspeed; resume from a checkpoint this backend wrote")

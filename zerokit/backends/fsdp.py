@@ -1,0 +1,76 @@
+"""PyTorch FSDP2 (`fully_shard`), driven directly rather than through accelerate's plugin:
+on CPU that plugin either refuses ("no available devices") or silently skips wrapping,
+so the ranks would train independently. Each transformer block is one FSDP unit."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from zerokit.backends import resolve_precision
+from zerokit.backends.dcp import load_dcp, save_dcp
+from zerokit.dist import DistInfo
+from zerokit.errors import UsageError
+from zerokit.models import block_classes
+from zerokit.optim import build_adamw, set_lr
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class FSDPBackend:
+    name = "fsdp"
+
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, strategy: str, offload: bool):
+        if strategy not in ("full_shard", "shard_grad_op"):
+            raise UsageError(f"fsdp must be none, full_shard or shard_grad_op, not '{strategy}'")
+        self.info = info
+        self.precision = resolve_precision(train.precision, info.device)
+        if self.precision == "fp16":
+            raise UsageError("fsdp with train.precision=fp16 is not supported (no sharded loss scaler); use bf16 or fp32")
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision], reduce_dtype=torch.float32) \
+            if self.precision in _DTYPES else MixedPrecisionPolicy()
+        # full_shard frees gathered weights after forward (ZeRO-3); shard_grad_op keeps them (ZeRO-2).
+        kw = dict(mesh=mesh, reshard_after_forward=strategy == "full_shard", mp_policy=mp,
+                  offload_policy=CPUOffloadPolicy() if offload else None)
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if not offload:
+            model.to(info.device)
+        blocks = block_classes(model)
+        for m in model.modules():
+            if type(m).__name__ in blocks:
+                fully_shard(m, **kw)
+        fully_shard(model, **kw)
+        self.model = self.module = model
+        self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
+        self.grad_clip = train.grad_clip
+
+    def autocast(self):
+        # The engine casts weights itself (bf16/fp16 sections, or the mixed-precision policy).
+        return contextlib.nullcontext()
+
+    def micro_batch(self, sync: bool):
+        self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def save(self, path) -> None:
+        save_dcp(path, self.module, self.optimizer)
+
+    def load(self, path) -> None:
+        load_dcp(path, self.module, self.optimizer)

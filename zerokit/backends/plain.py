@@ -1,0 +1,64 @@
+"""Single process, or DDP across ranks. Checkpoints through torch.distributed.checkpoint
+(as FSDP does), so a plain checkpoint resumes at any world size and under FSDP."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from zerokit.backends import resolve_precision
+from zerokit.backends.dcp import load_dcp, save_dcp
+from zerokit.dist import DistInfo
+from zerokit.optim import build_adamw, set_lr
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PlainBackend:
+    name = "plain"
+
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo):
+        self.info = info
+        self.precision = resolve_precision(train.precision, info.device)
+        self.module = model.to(info.device)
+        self.model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if info.world_size > 1 else model
+        self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
+        self.grad_clip = train.grad_clip
+        # fp16 needs dynamic loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.info.device.type, dtype=_DTYPES[self.precision]) \
+            if self.precision in _DTYPES else contextlib.nullcontext()
+
+    def micro_batch(self, sync: bool):
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast())
+        if isinstance(self.model, DDP) and not sync:
+            # DDP needs forward *and* backward inside no_sync to skip the all-reduce.
+            stack.enter_context(self.model.no_sync())
+        return stack
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> torch.Tensor:
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def save(self, path) -> None:
+        save_dcp(path, self.module, self.optimizer)
+
+    def load(self, path) -> None:
+        load_dcp(path, self.module, self.optimizer)

@@ -1,0 +1,171 @@
+"""The training loop: one for every recipe and every backend.
+
+A step is: take the next accumulation window of micro-batches, count its target tokens
+across ranks, run forward+backward on each micro-batch with the loss normalised by that
+count (so accumulation and padding are exact), then one optimizer step. Around it: lr
+schedule, logging, evaluation, checkpoints and preemption. The backend hides the engine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from zerokit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from zerokit.dist import DistInfo, all_gather_objects, all_reduce_sum
+from zerokit.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar, system_stats
+from zerokit.optim import lr_at
+
+log = logging.getLogger("zerokit")
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (preemption): finish the
+    step, checkpoint, exit cleanly. Ranks agree on the step at the next log step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def num_targets(batch: dict) -> torch.Tensor:
+    """Positions that carry a loss (label -100 means none): tokens for LMs, examples for classifiers."""
+    labels = batch["targets"] if "targets" in batch else batch["labels"]
+    return (labels != -100).sum()
+
+
+def num_inputs(batch: dict) -> int:
+    """Input tokens, the unit of throughput (padding excluded). Counted on the host copy: no sync."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_extras=None) -> dict:
+    """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json)."""
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
+    logger = MetricsLogger(run_dir, cfg.report_to, cfg.to_dict(), enabled=info.is_main, run_name=run_dir.name)
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from:
+        state = load_checkpoint(resume_from, backend, info)
+        step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
+        loader.load_state_dict(state["loader"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    stop = StopRequest()
+    flops_per_tok = model_flops_per_token(backend.module, seq_len)
+    peak = peak_flops(info.device, t.get("peak_tflops"))
+
+    def checkpoint(at_step: int) -> Path:
+        state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "loader": loader.state_dict()}
+        return save_checkpoint(run_dir, at_step, backend, state, info, keep=t.keep_checkpoints, write_extras=write_extras)
+
+    def evaluate() -> dict:
+        backend.module.eval()
+        with torch.no_grad(), backend.autocast():
+            metrics = task.evaluate(backend.module, info.rank, info.world_size)
+        backend.module.train()
+        return metrics
+
+    bar = progress_bar(t.max_steps, step, info.is_main)
+    last_ckpt_time = time.time()
+    # [loss sum, input tokens] of this rank since the last log, and the global target count.
+    interval = torch.zeros(2, dtype=torch.float64, device=info.device)
+    interval_targets = torch.zeros((), dtype=torch.float64, device=info.device)
+    interval_start, paused = time.perf_counter(), 0.0  # eval and checkpoint time is not training time
+    eval_metrics: dict = {}
+    preempted = False
+    backend.module.train()
+    while step < t.max_steps:
+        window = loader.next_window()
+        # The loss is normalised by the target count of the whole window on all ranks.
+        window_targets = all_reduce_sum(sum(num_targets(mb) for mb in window).to(info.device, torch.float64))
+        interval[1] += sum(num_inputs(mb) for mb in window)
+        backend.set_lr(lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr=t.min_lr))
+        for k, micro in enumerate(window):
+            sync = k == len(window) - 1
+            micro = to_device(micro, info.device)
+            with backend.micro_batch(sync):
+                loss_sum, _ = task.loss(backend.model, micro)
+                backend.backward(loss_sum * (info.world_size / window_targets), sync)
+            interval[0] += loss_sum.detach()
+        grad_norm = backend.step()
+        step += 1
+        interval_targets += window_targets  # device tensors: read only at log steps (no sync per step)
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            # The one host sync of the interval: losses, memory, and the stop/checkpoint decisions.
+            loss_sum, n_inputs = all_reduce_sum(interval.clone()).tolist()
+            interval_time = time.perf_counter() - interval_start - paused
+            interval_start, paused = time.perf_counter(), 0.0
+            ckpt_due = t.checkpoint_every_minutes > 0 and time.time() - last_ckpt_time > 60 * t.checkpoint_every_minutes
+            ranks = all_gather_objects({"peak_mem_mb": peak_memory_mb(info.device), "stop": stop.requested,
+                                        "ckpt_due": ckpt_due})
+            tokens_seen += int(n_inputs)
+            train_seconds += interval_time
+            tok_s = n_inputs / interval_time
+            record = {"step": step, "loss": loss_sum / float(interval_targets), "lr": backend_lr(backend),
+                      "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tok_s,
+                      "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),
+                      "peak_mem_mb_per_rank": [round(r["peak_mem_mb"], 1) for r in ranks],
+                      "tokens_seen": tokens_seen, **system_stats(info.device)}
+            if peak:
+                record["mfu"] = flops_per_tok * tok_s / (peak * info.world_size)
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mem=f"{record['peak_mem_mb']:.0f}MB")
+            interval.zero_()
+            interval_targets.zero_()
+            preempted = any(r["stop"] for r in ranks)
+            time_for_checkpoint = ranks[0]["ckpt_due"]  # rank 0's clock decides for everyone
+        else:
+            time_for_checkpoint = False
+        t0 = time.perf_counter()
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            eval_metrics = evaluate()
+            logger.log({"step": step, **eval_metrics})
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if preempted or time_for_checkpoint or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            checkpoint(step)
+            last_ckpt_time = time.time()
+        paused += time.perf_counter() - t0
+        if preempted:
+            break
+    bar.close()
+
+    if preempted:
+        if info.is_main:
+            (run_dir / "PREEMPTED").write_text(str(step))
+        log.warning("stop requested: checkpoint written at step %d; resume with resume=auto", step)
+        logger.close()
+        return {"preempted": True, "step": step}
+
+    eval_metrics = evaluate()
+    logger.log({"step": step, **eval_metrics})
+    peak_mb = max(all_gather_objects(peak_memory_mb(info.device)))
+    summary = {**eval_metrics, "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+               "tokens_per_s": tokens_seen / train_seconds if train_seconds else None, "peak_mem_mb": peak_mb,
+               "world_size": info.world_size, "backend": backend.name}
+    if peak and summary["tokens_per_s"]:
+        summary["mfu"] = flops_per_tok * summary["tokens_per_s"] / (peak * info.world_size)
+    if info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run_dir / "PREEMPTED").unlink(missing_ok=True)
+    logger.close()
+    return summary
+
+
+def backend_lr(backend) -> float:
+    return backend.optimizer.param_groups[0]["lr"]

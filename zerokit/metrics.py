@@ -1,0 +1,127 @@
+"""What a run reports: FLOPs and MFU, peak memory, and the writers (metrics.jsonl,
+TensorBoard, W&B) behind one `MetricsLogger`. Every number a user sees is computed here."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s by GPU name (vendor datasheets, no sparsity).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "L4": 121e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls against the weights (forward 2N, backward 4N)
+    plus 12·L·H·Q·T for attention scores and values (PaLM, appendix B). N counts the weights that
+    multiply activations: every parameter except position embeddings (the tied token embedding
+    counts once, as the output projection)."""
+    return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    cfg = model.config
+    n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    n_head = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    n = 0
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or "wpe" in name.split("."):  # position-embedding lookups are not FLOPs
+            continue
+        seen.add(id(p))
+        n += getattr(p, "ds_numel", p.numel())
+    return flops_per_token(n, n_layer, n_head, hidden // n_head, seq_len)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device, when known (pass train.peak_tflops for others, e.g. CPUs)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """GPU allocator peak on CUDA; the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 1024
+
+
+def system_stats(device: torch.device) -> dict:
+    """Per-log-step system stats: GPU utilisation and memory through NVML, or CPU RSS."""
+    if device.type == "cuda":
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            util = pynvml.nvmlDeviceGetUtilizationRates(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            return {"gpu_util": util.gpu, "gpu_mem_used_mb": mem.used / 2**20}
+        except Exception:  # NVML missing or unsupported: the allocator numbers still stand
+            return {}
+    import psutil
+    return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+
+
+class MetricsLogger:
+    """metrics.jsonl always; TensorBoard and W&B when named in `report_to` (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, report_to: str, config: dict, enabled: bool, run_name: str = "zerokit"):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        targets = {t.strip() for t in (report_to or "").split(",") if t.strip() and t.strip() != "none"}
+        unknown = targets - {"tensorboard", "wandb"}
+        if unknown:
+            from zerokit.errors import UsageError
+            raise UsageError(f"report_to: unknown target(s) {sorted(unknown)}; use tensorboard, wandb, both (comma-separated) or none")
+        if "tensorboard" in targets:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if "wandb" in targets:
+            import wandb  # honours WANDB_MODE=offline; the API key stays in the environment, never in config
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "zerokit"), name=run_name,
+                                    dir=str(run_dir), config=config, resume="allow")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                unit="step", mininterval=1.0)

@@ -1,0 +1,109 @@
+"""Models: named presets built from Hugging Face configs (no downloads), or any
+local path / hub name through `from_pretrained`.
+
+A preset is only a shape; vocabulary size and context length come from the run
+(the tokenizer and `data.block_size`), so the same preset serves any corpus.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+
+from zerokit.errors import UsageError
+
+_GPT2 = dict(activation_function="gelu_new", tie_word_embeddings=True)
+_LLAMA = dict(hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+# name -> (config class, shape). vocab/context defaults are the published ones.
+PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
+    # Unit tests: a few hundred thousand parameters, trains in milliseconds.
+    "gpt-tiny": (GPT2Config, dict(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512, **_GPT2)),
+    # The 2-core CPU demo (tiny-shakespeare in under 5 minutes).
+    "gpt-demo": (GPT2Config, dict(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=2048, **_GPT2)),
+    # ~50M parameters: memory measurements (ZeRO formula checks).
+    "gpt-50m": (GPT2Config, dict(n_layer=8, n_embd=512, n_head=8, n_positions=512, vocab_size=50257, **_GPT2)),
+    "gpt2-124m": (GPT2Config, dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257, **_GPT2)),
+    "gpt2-350m": (GPT2Config, dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257, **_GPT2)),
+    "gpt2-774m": (GPT2Config, dict(n_layer=36, n_embd=1280, n_head=20, n_positions=1024, vocab_size=50257, **_GPT2)),
+    "gpt2-1.5b": (GPT2Config, dict(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257, **_GPT2)),
+    "llama-tiny": (LlamaConfig, dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=176, max_position_embeddings=128, vocab_size=512, **_LLAMA)),
+    "llama-120m": (LlamaConfig, dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
+                                     intermediate_size=2048, max_position_embeddings=1024, vocab_size=32000, **_LLAMA)),
+    # Llama-3.2-1B shape.
+    "llama-1b": (LlamaConfig, dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                                   intermediate_size=8192, max_position_embeddings=2048, vocab_size=128256,
+                                   **{**_LLAMA, "tie_word_embeddings": True, "rope_theta": 500000.0})),
+    # Llama-2-7B shape.
+    "llama-7b": (LlamaConfig, dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                                   intermediate_size=11008, max_position_embeddings=4096, vocab_size=32000, **_LLAMA)),
+}
+
+
+def model_config(preset_or_path: str, vocab_size: int | None = None, block_size: int | None = None,
+                 dropout: float | None = None, eos_token_id: int | None = None) -> PretrainedConfig:
+    """The HF config of a preset (with run-specific vocab/context/dropout) or of a path/hub name."""
+    if preset_or_path not in PRESETS:
+        try:
+            return AutoConfig.from_pretrained(preset_or_path)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"unknown model '{preset_or_path}': not a preset ({', '.join(PRESETS)}) "
+                             f"and not loadable as a local path or hub name ({type(e).__name__})") from None
+    cls, shape = PRESETS[preset_or_path]
+    shape = dict(shape, vocab_size=vocab_size or shape["vocab_size"])
+    if vocab_size or eos_token_id is not None:
+        # Special ids come from the run's tokenizer; GPT-2's 50256 means nothing in a trained vocabulary.
+        shape.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None)
+    cfg = cls(**shape)
+    if block_size:
+        if cfg.model_type == "gpt2":
+            cfg.n_positions = block_size
+        else:
+            cfg.max_position_embeddings = block_size
+    if dropout is not None and cfg.model_type == "gpt2":
+        cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = dropout
+    elif dropout is not None:
+        cfg.attention_dropout = dropout
+    return cfg
+
+
+def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: int | None, block_size: int | None,
+                    dropout: float | None = None, grad_ckpt: bool = False, seed: int = 0,
+                    eos_token_id: int | None = None) -> torch.nn.Module:
+    """Random-init a preset (deterministic under `seed`) or load pretrained weights."""
+    if name_or_path:
+        if not Path(name_or_path).exists() and "/" not in name_or_path:
+            raise UsageError(f"model.name_or_path '{name_or_path}' is neither a local directory nor a hub name (org/model)")
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        if preset not in PRESETS:
+            raise UsageError(f"unknown model.preset '{preset}'; choose one of {', '.join(PRESETS)} or set model.name_or_path")
+        cfg = model_config(preset, vocab_size, block_size, dropout, eos_token_id)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    if grad_ckpt:
+        enable_grad_ckpt(model)
+    return model
+
+
+def enable_grad_ckpt(model: torch.nn.Module) -> None:
+    # Non-reentrant checkpointing: works with frozen inputs (LoRA) and with ZeRO-3/FSDP hooks.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def block_classes(model: torch.nn.Module) -> set[str]:
+    """Class names of the repeated transformer blocks (the units FSDP shards and checkpointing recomputes)."""
+    base = getattr(model, "base_model", model)
+    for m in (model, base, getattr(base, "model", None)):
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return set(names)
+    raise ValueError(f"{type(model).__name__} declares no _no_split_modules; cannot find its transformer blocks")
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    # ds_numel: ZeRO-3 partitioned parameters report their full size there.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
