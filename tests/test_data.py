@@ -1,0 +1,213 @@
+"""zerokit.data: tokenizer training/caching, corpus packing, and the loaders' determinism contract."""
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from zerokit.data import BlockLoader, corpus_texts, eval_batches, get_tokenizer, pack_corpus, read_index, token_byte_lengths
+from zerokit.data import packed as packed_mod
+from zerokit.errors import UsageError
+
+UNICODE = "Naïve café — 日本語 🎭\n\n  tabs\tand  spaces\n"
+
+
+@pytest.fixture(scope="module")
+def corpus_file(data_dir, tmp_path_factory):
+    """The first ~100 kB of tiny-shakespeare (cut at a line end), plus some non-ASCII text."""
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()
+    text = text[: text.index("\n", 100_000) + 1] + UNICODE
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(corpus_file, tmp_path_factory):
+    return get_tokenizer(None, corpus_texts(corpus_file), 512, tmp_path_factory.mktemp("tokcache"))
+
+
+@pytest.fixture(scope="module")
+def packed(corpus_file, tok, tmp_path_factory):
+    return pack_corpus(corpus_file, *tok, tmp_path_factory.mktemp("packed"))
+
+
+def test_tokenizer_round_trip_auto_load_and_cache(corpus_file, tmp_path, caplog):
+    texts = corpus_texts(corpus_file)
+    tok_dir, tok = get_tokenizer("train", texts, 400, tmp_path)
+    assert isinstance(tok, PreTrainedTokenizerFast) and len(tok) == 400
+    assert (tok.eos_token, tok.bos_token, tok.pad_token) == ("<|endoftext|>", "<|endoftext|>", "<|pad|>")
+    sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n" + UNICODE
+    ids = tok.encode(sample, add_special_tokens=False)
+    assert tok.decode(ids) == sample
+    reloaded = AutoTokenizer.from_pretrained(tok_dir)
+    assert reloaded.encode(sample, add_special_tokens=False) == ids
+    assert reloaded.eos_token_id == tok.eos_token_id != reloaded.pad_token_id
+
+    with caplog.at_level(logging.INFO, logger="zerokit"):
+        again_dir, _ = get_tokenizer(None, texts, 400, tmp_path)
+    assert again_dir == tok_dir
+    assert f"tokenizer cache hit: {tok_dir}" in caplog.messages
+    assert get_tokenizer(tok_dir, None, 0, tmp_path)[0] == tok_dir  # an existing directory loads as is
+    assert get_tokenizer(None, texts, 300, tmp_path)[0] != tok_dir  # settings are part of the cache key
+
+
+def test_token_byte_lengths_are_exact(tok):
+    _, tok = tok
+    lengths = token_byte_lengths(tok)
+    assert lengths.shape == (len(tok),) and lengths[tok.eos_token_id] == lengths[tok.pad_token_id] == 0
+    text = "To be, or not to be: that is the question.\n" + UNICODE
+    ids = tok.encode(text, add_special_tokens=False)
+    assert lengths[ids].sum() == len(text.encode("utf-8"))
+    assert lengths[ids + [tok.eos_token_id]].sum() == len(text.encode("utf-8"))
+
+
+def test_pack_corpus_counts_split_and_cache(corpus_file, tok, tmp_path, caplog, monkeypatch):
+    tok_dir, tok = tok
+    monkeypatch.setattr(packed_mod, "CHUNK_CHARS", 4096)  # force many pieces, tokenized on 2 threads
+    out = pack_corpus(corpus_file, tok_dir, tok, tmp_path, val_fraction=0.1)
+    index = read_index(out)
+    train = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(out / "val.bin", dtype=np.uint16, mode="r")
+    assert index["dtype"] == "uint16" and index["version"] == packed_mod.FORMAT_VERSION
+    assert (index["splits"]["train"]["tokens"], index["splits"]["val"]["tokens"]) == (len(train), len(val))
+
+    # nanoGPT-style split: the last ~10% of the bytes, starting at a line start; nothing lost or added.
+    data = corpus_file.read_bytes()
+    n_train = index["splits"]["train"]["bytes"]
+    assert n_train + index["splits"]["val"]["bytes"] == len(data)
+    assert data[n_train - 1:n_train] == b"\n" and abs(n_train - 0.9 * len(data)) < 200
+    # Piecewise parallel tokenization gives exactly the whole-text tokens; byte lengths add up.
+    train_text = data[:n_train].decode()
+    assert train.tolist() == tok.encode(train_text, add_special_tokens=False)
+    lengths = np.load(out / "token_bytes.npy")
+    assert lengths[train].sum() == n_train and lengths[val].sum() == len(data) - n_train
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    monkeypatch.setattr(packed_mod, "_tokenize", lambda *a, **k: pytest.fail("cache hit must not tokenize"))
+    with caplog.at_level(logging.INFO, logger="zerokit"):
+        assert pack_corpus(corpus_file, tok_dir, tok, tmp_path, val_fraction=0.1) == out
+    assert f"data cache hit: {out}" in caplog.messages
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp dirs left behind
+
+
+def test_pack_document_collections(tok, tmp_path):
+    tok_dir, tok = tok
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    rows = [{"dialogue": f"#Person1#: line {i}", "summary": f"summary {i}", "topic": "x"} for i in range(9)]
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "b.txt").write_text("a whole text file is one document\n")
+    out = pack_corpus(folder, tok_dir, tok, tmp_path / "out", val_fraction=0.2, text_field="dialogue,summary")
+    index = read_index(out)
+    assert (index["splits"]["train"]["documents"], index["splits"]["val"]["documents"]) == (8, 2)
+    train = np.fromfile(out / "train.bin", dtype=np.uint16)
+    val = np.fromfile(out / "val.bin", dtype=np.uint16)
+    assert (train == tok.eos_token_id).sum() == 7 and (val == tok.eos_token_id).sum() == 1  # eos between documents
+    assert tok.decode(val) == "#Person1#: line 8\nsummary 8<|endoftext|>a whole text file is one document\n"
+    assert corpus_texts(folder, "dialogue,summary", val_fraction=0.2)[0] == "#Person1#: line 0\nsummary 0"
+
+    with pytest.raises(UsageError, match="summ"):
+        pack_corpus(folder, tok_dir, tok, tmp_path / "out", text_field="dialogue,summ")
+
+
+def test_missing_corpus_names_the_path(tok, tmp_path):
+    missing = tmp_path / "no_such_corpus.txt"
+    with pytest.raises(UsageError, match=str(missing)):
+        pack_corpus(missing, *tok, tmp_path)
+    with pytest.raises(UsageError, match="no_such_corpus"):
+        corpus_texts("./no_such_corpus.jsonl")
+
+
+def _windows(batches):
+    """Multiset of (input row + final target) token tuples: one entry per served window."""
+    return Counter(tuple(x.tolist()) + (int(y[-1]),) for b in batches for x, y in zip(b["input_ids"], b["targets"]))
+
+
+def _step(packed, world, micro, accum, steps, state=None, block=32, seed=7):
+    """Per step, the multiset of windows served by all ranks, and each rank's own multisets."""
+    loaders = [BlockLoader(packed, "train", block, micro, accum, r, world, seed) for r in range(world)]
+    if state:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    per_step = []
+    for _ in range(steps):
+        per_rank = [_windows(loader.next_window()) for loader in loaders]
+        per_step.append((sum(per_rank, Counter()), per_rank))
+    return per_step, loaders[0].state_dict()
+
+
+def test_loader_global_batch_independent_of_split(packed):
+    reference, _ = _step(packed, world=1, micro=4, accum=2, steps=3)
+    for world, micro, accum in [(2, 2, 2), (4, 2, 1), (4, 1, 2)]:
+        steps, _ = _step(packed, world, micro, accum, steps=3)
+        for (union, per_rank), (ref, _) in zip(steps, reference):
+            assert union == ref and sum(ref.values()) == 8
+            assert all(not (set(a) & set(b)) for i, a in enumerate(per_rank) for b in per_rank[i + 1:])
+
+    batch = BlockLoader(packed, block_size=32, micro_batch_size=3).next_window()[0]
+    assert batch["input_ids"].shape == (3, 32) and batch["input_ids"].dtype == torch.int64
+    assert torch.equal(batch["input_ids"][:, 1:], batch["targets"][:, :-1])
+
+
+def test_loader_epochs_cover_windows_with_new_boundaries(packed):
+    loader = BlockLoader(packed, block_size=32, micro_batch_size=4, seed=3)
+    n = loader.windows_per_epoch
+    for epoch in (0, 1):
+        starts = np.sort(loader._starts(np.arange(epoch * n, (epoch + 1) * n)))
+        offset = starts[0]
+        assert 0 <= offset < 32 and np.array_equal(starts, offset + 32 * np.arange(n))
+        assert starts[-1] + 33 <= len(loader.tokens)
+    assert loader._starts(np.array([0]))[0] % 32 != loader._starts(np.array([n]))[0] % 32  # seed 3: offsets differ
+
+
+def test_loader_resume_same_and_different_world_size(packed):
+    steps, state = _step(packed, world=1, micro=4, accum=2, steps=5)
+    assert state["samples_seen"] == 40 and state["seed"] == 7
+    straight, _ = _step(packed, world=1, micro=4, accum=2, steps=8)
+    assert [s[0] for s in straight[:5]] == [s[0] for s in steps]
+    for world, micro, accum in [(1, 4, 2), (2, 2, 2), (4, 1, 2)]:
+        resumed, _ = _step(packed, world, micro, accum, steps=3, state=state)
+        assert [s[0] for s in resumed] == [s[0] for s in straight[5:]]
+
+    # Across an epoch boundary too (the step's samples come from two epochs).
+    edge = dict(state, samples_seen=BlockLoader(packed, block_size=32).windows_per_epoch - 3)
+    one, _ = _step(packed, world=1, micro=4, accum=2, steps=2, state=edge)
+    two, _ = _step(packed, world=2, micro=1, accum=4, steps=2, state=edge)
+    assert [s[0] for s in one] == [s[0] for s in two]
+    with pytest.raises(UsageError, match="block_size"):
+        BlockLoader(packed, block_size=16).load_state_dict(state)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_batches_cover_val_evenly(packed, world):
+    val = np.memmap(packed / "val.bin", dtype=np.uint16, mode="r")
+    lengths = np.load(packed / "token_bytes.npy")
+    block, micro = 64, 4
+    n_windows = (len(val) - 1) // block
+    per_rank = [list(eval_batches(packed, "val", block, micro, r, world)) for r in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1  # same count on every rank: no collective hangs
+
+    served = [tuple(x.tolist()) for batches in per_rank for b in batches if b["weight"] for x in b["input_ids"]]
+    expected = [tuple(val[i * block:(i + 1) * block].tolist()) for i in range(n_windows)]
+    assert sorted(served) == sorted(expected)
+    total_bytes = sum(b["target_bytes"] for batches in per_rank for b in batches)
+    assert total_bytes == lengths[val[1:n_windows * block + 1]].sum()
+    assert all(b["target_bytes"] == 0 for batches in per_rank for b in batches if not b["weight"])
+    if world == 1:  # in order
+        assert served == expected
+    assert len(list(eval_batches(packed, "val", block, micro, 0, world, max_batches=2))) == 2
+
+
+def test_eval_batches_pad_short_ranks(packed):
+    block = 256
+    n_windows = (len(np.memmap(packed / "val.bin", dtype=np.uint16, mode="r")) - 1) // block
+    world = n_windows - 1  # rank 0 gets 2 windows, the others 1: they need a zero-weight padding batch
+    per_rank = [list(eval_batches(packed, "val", block, 1, r, world)) for r in range(world)]
+    assert [len(b) for b in per_rank] == [2] * world
+    assert [b[1]["weight"] for b in per_rank] == [1] + [0] * (world - 1)
+    assert per_rank[1][1]["target_bytes"] == 0 and per_rank[1][1]["input_ids"].shape == (1, block)
