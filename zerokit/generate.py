@@ -1,0 +1,168 @@
+"""Text generation: a library function for the loop / evaluation, and `zerokit generate`.
+
+`generate_text` is batched with left padding (decoder-only models continue from the right end
+of every row). When several ranks generate under ZeRO-3 each forward gathers the partitioned
+parameters collectively, so every rank must (a) make the same number of `generate` calls and
+(b) keep stepping until all ranks are done: (a) is done here by agreeing on the largest batch
+count and running throw-away batches, (b) by HF's `synced_gpus=True`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from zerokit.data.tasks import pad
+from zerokit.errors import UsageError
+
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+def _dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], strategy: str = "greedy",
+                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                  num_beams: int = 4, seed: int | None = None, batch_size: int = 8,
+                  synced_gpus: bool | None = None) -> list[str]:
+    """Continuations (prompt not included) of `prompts`, text or token-id lists, one string each.
+
+    synced_gpus=None turns it on when torch.distributed is initialised with more than one rank;
+    then every rank of the group must call this function (the prompt lists may differ).
+    `seed` seeds sampling without disturbing the caller's RNG state.
+    """
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown generation strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if max_new_tokens < 1 or batch_size < 1 or (strategy == "beam" and num_beams < 1):
+        raise UsageError("max_new_tokens, batch_size and num_beams must be >= 1")
+    if strategy == "sample" and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
+        raise UsageError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad_id is None:
+        raise UsageError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    ids = [list(p) if not isinstance(p, str) else tokenizer(p)["input_ids"] for p in prompts]
+    # A decoder-only model needs at least one token to continue from: eos doubles as bos (GPT-2 style).
+    ids = [p if p else [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id] for p in ids]
+
+    synced = _dist_world() > 1 if synced_gpus is None else bool(synced_gpus)
+    device = next(model.parameters()).device
+    n_batches = math.ceil(len(ids) / batch_size)
+    if synced:
+        t = torch.tensor([n_batches], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n_batches = int(t.item())
+
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos, synced_gpus=synced)
+    if strategy == "greedy":
+        kwargs.update(do_sample=False, num_beams=1)
+    elif strategy == "beam":
+        kwargs.update(do_sample=False, num_beams=num_beams, early_stopping=True)
+    else:
+        kwargs.update(do_sample=True, num_beams=1, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    side = "right" if encoder_decoder else "left"
+    out: list[str] = []
+    was_training = model.training
+    model.eval()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for b in range(n_batches):
+                chunk = ids[b * batch_size:(b + 1) * batch_size]
+                real = len(chunk)
+                chunk = chunk or [ids[0] if ids else [pad_id]]  # throw-away batch for the collective
+                input_ids = pad(chunk, pad_id, side).to(device)
+                mask = pad([[1] * len(c) for c in chunk], 0, side).to(device)
+                seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+                new = seqs if encoder_decoder else seqs[:, input_ids.size(1):]
+                out += [tokenizer.decode(s, skip_special_tokens=True).strip() for s in new[:real]]
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zerokit generate", description="Generate text from an exported model (and LoRA adapter).")
+    p.add_argument("--model", required=True, help="exported Hugging Face model folder (or hub name)")
+    p.add_argument("--adapter", help="LoRA adapter folder saved by zerokit (peft save_pretrained)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several prompts")
+    p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt instead of plain text")
+    return p
+
+
+def load_for_generation(model_path: str, adapter: str | None = None, device: str | None = None):
+    """(model, tokenizer) from an exported model folder, plus a LoRA adapter folder if given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    mp = Path(model_path)
+    if mp.is_dir() and not (mp / "config.json").is_file():
+        hint = " (it looks like a LoRA adapter: pass it as --adapter and its base as --model)" if (mp / "adapter_config.json").is_file() else ""
+        raise UsageError(f"{mp} has no config.json{hint}; --model must be an exported model folder")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"{adapter} has no adapter_config.json; --adapter must be a folder written by save_adapter")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        # fp32 on CPU (bf16 matmuls there are slow and lossy); the saved dtype on GPU.
+        model = cls.from_pretrained(model_path, dtype=torch.float32 if device == "cpu" else "auto")
+    except OSError as e:
+        raise UsageError(f"cannot load model {model_path!r} ({e}); give an exported model folder") from None
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    tok_dir = adapter if adapter is not None and _has_tokenizer(Path(adapter)) else model_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"no tokenizer in {tok_dir} ({e}); save the tokenizer beside the model") from None
+    return model.to(device), tokenizer
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """`zerokit generate ...`; raises UsageError for user mistakes (the CLI prints it, exit 2)."""
+    args = _parser().parse_args(argv)
+    model, tokenizer = load_for_generation(args.model, args.adapter, args.device)
+    outs = generate_text(model, tokenizer, args.prompt, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+                         seed=args.seed, batch_size=args.batch_size, synced_gpus=False)
+    for i, (prompt, text) in enumerate(zip(args.prompt, outs)):
+        if args.jsonl:
+            print(json.dumps({"prompt": prompt, "completion": text}))
+        else:
+            print(f"=== prompt {i + 1} ===\n{prompt}\n--- completion ---\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(generate_main())
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
