@@ -115,6 +115,30 @@ def test_pack_document_collections(tok, tmp_path):
         pack_corpus(folder, tok_dir, tok, tmp_path / "out", text_field="dialogue,summ")
 
 
+def test_embedded_tinyshakespeare(data_dir):
+    shared = (data_dir / "tinyshakespeare" / "input.txt").read_text()
+    assert packed_mod.DEFAULT_CORPUS.read_text() == shared
+    train = corpus_texts("tinyshakespeare")
+    assert train == corpus_texts(None) and len(train) == 1 and shared.startswith(train[0])
+    assert train[0].endswith("\n") and 0.89 < len(train[0]) / len(shared) < 0.91
+
+
+def test_hub_dataset_source(tok, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config, split):  # stands in for the hub (offline here)
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(10)], "label": list(range(10))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = pack_corpus("someone/corpus:small", *tok, tmp_path)
+    assert calls == [("someone/corpus", "small", "train")] and out.name.startswith("someone_corpus-")
+    assert read_index(out)["splits"]["val"]["documents"] == 1
+    with pytest.raises(UsageError, match="no column"):
+        corpus_texts("someone/corpus", text_field="body")
+
+
 def test_missing_corpus_names_the_path(tok, tmp_path):
     missing = tmp_path / "no_such_corpus.txt"
     with pytest.raises(UsageError, match=str(missing)):

@@ -85,7 +85,7 @@ def _load_documents(source: str | Path | None, text_field: str) -> tuple[str, li
             raise UsageError(f"no .txt or .jsonl files in corpus folder {path}; add some or point at a file")
     elif path.is_file():
         files = [path]
-    elif isinstance(source, Path) or path.is_absolute() or str(source).startswith((".", "~")) or path.suffix:
+    elif isinstance(source, Path) or str(source).startswith(("/", ".", "~")) or path.suffix in (".txt", ".jsonl", ".json"):
         raise UsageError(f"corpus not found: {path}; pass an existing file or folder, 'tinyshakespeare', or a datasets hub name")
     else:
         return _load_hub(str(source), fields)
@@ -137,6 +137,11 @@ def corpus_texts(source: str | Path | None = None, text_field: str = "text", val
 
 
 # ---------------------------------------------------------------------------------------------- packing
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one, e.g. under SLURM)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def _tokenize(docs: list[str], backend, eos_id: int, dtype: type, workers: int) -> np.ndarray:
     """Token ids of `docs`, with eos between documents, using `workers` threads.
@@ -207,7 +212,7 @@ def pack_corpus(
         raise UsageError(f"tokenizer {tokenizer_dir} has no eos token; packing separates documents with it. Set eos_token")
     train_docs, val_docs = _split(docs, val_fraction)
     dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cores()
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=".tmp-pack-"))
     index = {**settings, "source": str(source or "tinyshakespeare"), "tokenizer": tokenizer_dir,
@@ -319,10 +324,6 @@ class BlockLoader:
             out.append({"input_ids": x, "targets": y})
         self.samples_seen += self.global_batch
         return out
-
-    @property
-    def epoch(self) -> float:
-        return self.samples_seen / self.windows_per_epoch
 
     def state_dict(self) -> dict:
         return {"samples_seen": self.samples_seen, "seed": self.seed, "block_size": self.block_size,
