@@ -134,12 +134,26 @@ def test_train_batches_resume(minilm_tok):
     for _ in range(4):
         a.next_window()
     state = a.state_dict()
-    assert state == {"samples_seen": 4 * 2 * 3 * 2}
-    b = task.train_batches(2, 3, 1, 2, seed=3)
+    assert state == {"samples_seen": 4 * 2 * 3 * 2, "seed": 3, "n_samples": 30}
+    b = task.train_batches(2, 3, 1, 2, seed=99)  # the seed comes back from the state
     b.load_state_dict(json.loads(json.dumps(state)))
     for _ in range(3):
         wa, wb = a.next_window(), b.next_window()
         assert [_ids_of(m, minilm_tok) for m in wa] == [_ids_of(m, minilm_tok) for m in wb]
+    # Resuming on another world size / micro-batch continues the same global stream. Reference: one
+    # rank taking all 12 samples of step 7 (stream positions 84..95).
+    ref = task.train_batches(12, 1, 0, 1, seed=3)
+    ref.load_state_dict({"samples_seen": 84})
+    ref_ids = _ids_of(ref.next_window()[0], minilm_tok)
+    assert a.state_dict()["samples_seen"] == 84
+    old = [_ids_of(m, minilm_tok) for m in a.next_window()]  # rank 1 of 2, mb 2: positions 86-87, 90-91, 94-95
+    assert old == [ref_ids[2:4], ref_ids[6:8], ref_ids[10:12]]
+    new = [task.train_batches(4, 1, r, 3, seed=0) for r in range(3)]
+    for it in new:
+        it.load_state_dict({**state, "samples_seen": 84})
+    assert sum((_ids_of(it.next_window()[0], minilm_tok) for it in new), []) == ref_ids
+    with pytest.raises(UsageError, match="same training data"):
+        SentimentTask(minilm_tok, recs[:29], None).train_batches(2, 3, 1, 2, seed=3).load_state_dict(state)
 
 
 def test_sentiment_batch_padding(data_dir, minilm_tok):

@@ -223,10 +223,16 @@ class TaskBatches:
             yield self.next_window()
 
     def state_dict(self) -> dict:
-        return {"samples_seen": self.samples_seen}
+        return {"samples_seen": self.samples_seen, "seed": self.seed, "n_samples": self.n}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the global stream of `state`; the rank split (world size, micro-batch) may differ."""
+        if state.get("n_samples", self.n) != self.n:
+            raise UsageError(f"loader state is for {state['n_samples']} training samples, this task has {self.n}; "
+                             "resume with the same training data")
         self.samples_seen = int(state["samples_seen"])
+        self.seed = int(state.get("seed", self.seed))
+        self._perms = {}
 
 
 def _dist_active(world_size: int) -> bool:
@@ -254,7 +260,8 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _is_encoder_decoder(model: torch.nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)  # DDP-style wrappers
+    return bool(getattr(config, "is_encoder_decoder", False))
 
 
 class _EvalMode:
