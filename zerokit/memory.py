@@ -1,0 +1,675 @@
+"""Per-rank memory of a training step: measure it, and estimate it for any shape.
+
+Measuring (`measure_step_peak`): a TorchDispatchMode sees every op's outputs and counts
+the bytes of live tensor storages (a storage counts once however many views share it,
+until it is freed); the peak is taken over one steady-state step.
+
+Estimating (`estimate`): textbook activation formulas miss what HF modules really keep
+(unfused gelu_new saves four activation-sized tensors, CPU dropout saves a full-size
+noise tensor, the loss keeps fp32 log-probs and needs two more batch x seq x vocab
+temporaries in backward). So the estimator does not use one: it *runs* the real
+architecture on the meta device (no memory, no compute), with the same counter, at the
+real sequence length, for 2 and 4 layers and micro-batch 2 and 3, and extrapolates:
+every storage is either proportional to the micro-batch or independent of it (exact
+linear fit), and between the backward of the last and of the first block everything
+grows linearly with depth. Model states (weights, grads, optimizer, fp32 master) and
+ZeRO partitioning are exact formulas on parameter counts of the meta model.
+
+Meta tensors run the CPU code paths, so two GPU behaviours are substituted while
+probing for device="cuda": dropout keeps a 1-byte mask (native_dropout), and SDPA is
+flash attention (saves q, k, v, out and an fp32 logsumexp; dropout is in-kernel).
+For device="cpu" SDPA with dropout falls back to the math path, as torch does on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import gc
+import inspect
+import json
+import sys
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from zerokit.errors import UsageError
+
+GiB = 2**30
+MiB = 2**20
+
+# ---- every constant the estimate uses -------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ADAM_STATE_BYTES = 8        # exp_avg + exp_avg_sq, fp32, per trainable parameter
+MASTER_BYTES = 4            # fp32 master copy, per trainable parameter (bf16/fp16 only)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # QLoRA base weight: 4 bits + double-quantised absmax
+LORA_TARGETS = {            # modules LoRA adapts, per architecture ("all-linear" otherwise)
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+# DeepSpeed knobs, in elements. planner writes exactly these into the DeepSpeed JSON,
+# so what we estimate is what runs.
+ZERO_REDUCE_BUCKET = int(5e7)       # reduce_bucket_size; double-buffered with overlap_comm
+ZERO_ALLGATHER_BUCKET = int(5e7)    # allgather_bucket_size (stage 1/2 param allgather after step)
+ZERO3_PERSISTENCE = int(1e5)        # stage3_param_persistence_threshold: smaller params stay whole
+ZERO3_LIVE_BLOCKS = 3               # stage3_max_live_parameters = this many blocks (compute + prefetch + backward)
+# GPU-only overhead, a rule of thumb (no GPU here to measure it): CUDA context, cuBLAS/NCCL
+# workspaces, and caching-allocator slack on top of the live-tensor peak.
+CUDA_CONTEXT_BYTES = 1 * GiB
+ALLOCATOR_SLACK = 0.05
+# Host memory, per rank: python + torch + CUDA libraries, before anything offloaded.
+HOST_PROCESS_BYTES = 3 * GiB
+
+STAGES = (0, 1, 2, 3)
+OFFLOADS = ("none", "optimizer", "params")  # "params" = ZeRO-Infinity: params *and* optimizer on CPU
+CKPTS = ("none", "full", "selective")       # selective = every 2nd block checkpointed (HF every_n_layers=2)
+PEFTS = ("none", "lora", "qlora")
+ATTNS = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
+
+
+# ======================================================================================
+# Measuring
+# ======================================================================================
+class LiveBytes(TorchDispatchMode):
+    """Counts live tensor-storage bytes, the peak, and (optionally) a log per category.
+
+    A storage is added when an op first returns it and removed when its C++ storage dies
+    (storages keep their Python object while alive, so a weakref finalizer fires exactly
+    then). Tensors made before the mode was entered count only if passed to `track`.
+    Kernel-internal scratch that never leaves an op is not seen. Each storage carries a
+    category (`self.cat` when it appeared; `retag` moves it, e.g. into "grad").
+    """
+
+    def __init__(self, log: bool = False):
+        super().__init__()
+        self.live: dict[int, list] = {}  # storage address -> [bytes, category, tag]
+        self.by_cat: dict[str, int] = {}
+        self.by_tag: dict[str, int] = {}
+        self.current = self.peak = 0
+        self.cat, self.tag = "act", "other"
+        self.phase = self.peak_phase = "setup"
+        self.phase_peaks: dict[str, int] = {}
+        self.marks: dict[str, int] = {}  # live bytes as each phase began
+        self.log = [] if log else None   # (phase, saved, logits, temp, grad) at each allocation
+
+    def track(self, t: torch.Tensor, cat: str | None = None) -> None:
+        st = t.untyped_storage()
+        key = st._cdata  # the StorageImpl address, shared by every view
+        if key in self.live:
+            return
+        n, cat = st.nbytes(), cat or self.cat
+        tag = self.tag if cat == "saved" else cat  # sub-module tags only for what forward saves
+        self.live[key] = [n, cat, tag]
+        self.by_cat[cat] = self.by_cat.get(cat, 0) + n
+        self.by_tag[tag] = self.by_tag.get(tag, 0) + n
+        self.current += n
+        weakref.finalize(st, self._free, key)
+        self._changed()
+
+    def retag(self, t: torch.Tensor, cat: str) -> None:
+        entry = self.live.get(t.untyped_storage()._cdata)
+        if entry and entry[1] != cat:
+            self.by_cat[entry[1]] -= entry[0]
+            self.by_cat[cat] = self.by_cat.get(cat, 0) + entry[0]
+            entry[1] = cat
+            self._changed()
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry:
+            self.current -= entry[0]
+            self.by_cat[entry[1]] -= entry[0]
+            self.by_tag[entry[2]] -= entry[0]
+
+    def _changed(self) -> None:
+        if self.current > self.peak:
+            self.peak, self.peak_phase = self.current, self.phase
+        if self.current > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = self.current
+        if self.log is not None:
+            c = self.by_cat
+            self.log.append((self.phase, c.get("saved", 0), c.get("logits", 0), c.get("temp", 0), c.get("grad", 0)))
+
+    def set_phase(self, name: str, cat: str | None = None) -> None:
+        self.phase = name
+        self.cat = cat or self.cat
+        self.phase_peaks.setdefault(name, self.current)
+        self.marks.setdefault(name, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+def _optimizer_tensors(optimizer):
+    return [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+
+def _train_step(model, batch, optimizer, counter=None):
+    phase = counter.set_phase if counter else (lambda name: None)
+    phase("forward")
+    out = model(**batch) if isinstance(batch, dict) else model(batch)
+    loss = out.loss if hasattr(out, "loss") else out
+    del out  # a training loop keeps only the loss: the logits die here unless autograd saved them
+    phase("backward")
+    loss.backward()
+    grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    phase("optimizer")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def measure_step_peak(model, batch, optimizer, *, warmup: bool = True) -> dict:
+    """Peak bytes of live tensors during one steady-state training step.
+
+    `batch`: a dict for `model(**batch)` (the output needs `.loss`), or one tensor for a
+    model that returns the loss. With `warmup`, one unmeasured step runs first so the
+    optimizer state exists (a first step differs: Adam allocates its state in it).
+    Returns bytes: the peak and its phase, the baseline (weights + optimizer state +
+    batch), each phase's peak, what forward left alive for backward, the grads.
+    """
+    if warmup:
+        _train_step(model, batch, optimizer)
+    gc.collect()
+    counter = LiveBytes()
+    params = list(model.parameters())
+    batch_tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
+    for t in params + list(model.buffers()) + _optimizer_tensors(optimizer) + batch_tensors:
+        counter.track(t)
+    baseline = counter.current
+    with counter:
+        grads = _train_step(model, batch, optimizer, counter)
+    return {
+        "peak_bytes": counter.peak,
+        "peak_phase": counter.peak_phase,
+        "baseline_bytes": baseline,
+        "params_bytes": _storage_bytes(params),
+        "optimizer_state_bytes": _storage_bytes(_optimizer_tensors(optimizer)),
+        "grads_bytes": grads,
+        "after_forward_bytes": counter.marks["backward"] - baseline,
+        "phase_peaks": dict(counter.phase_peaks),
+    }
+
+
+# ======================================================================================
+# Building the model the way training will (shared with the probe and the tests)
+# ======================================================================================
+def resolve_config(model):
+    """A transformers config from a config object, a preset name, or a local path."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if Path(str(model)).exists():
+        return AutoConfig.from_pretrained(str(model))
+    try:
+        from zerokit.models import model_config
+    except ImportError as e:
+        raise UsageError(
+            f"model {model!r}: presets need zerokit.models, which is not available ({e}); "
+            "pass a path to a folder with config.json instead") from e
+    return model_config(model)
+
+
+def apply_grad_ckpt(model, mode: str) -> None:
+    """none | full (every block recomputed) | selective (every 2nd block, starting at block 0)."""
+    if mode == "none":
+        return
+    every = {"full": 1, "selective": 2}[mode]
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=every)
+
+
+def apply_lora(model, r: int = 16, dropout: float = 0.0):
+    """peft LoRA on the attention and MLP projections: only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    mtype = model.config.model_type
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                     target_modules=LORA_TARGETS.get(mtype, "all-linear"),
+                     fan_in_fan_out=(mtype == "gpt2"))  # GPT-2's Conv1D stores weights transposed
+    return get_peft_model(model, cfg)
+
+
+def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: str, lora_r: int, grad_ckpt: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    cfg = copy.deepcopy(config)
+    if n_layers is not None:
+        cfg.num_hidden_layers = n_layers
+    cfg.use_cache = False
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+            model.to(DTYPES[precision])
+            model.train()
+            apply_grad_ckpt(model, grad_ckpt)
+            if peft != "none":
+                model = apply_lora(model, lora_r)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def _blocks(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise UsageError(f"{type(model).__name__}: no transformer blocks found (needs a transformers "
+                         "decoder whose layers derive from GradientCheckpointingLayer)")
+    return blocks
+
+
+# ======================================================================================
+# The probe: one training step on the meta device
+# ======================================================================================
+class _FlashAttention(torch.autograd.Function):
+    """Memory model of flash attention: saves q, k, v, out and an fp32 logsumexp; no S x S."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_SDPA_SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                              scale=None, enable_gqa=False: None)
+_DROPOUT_SIG = inspect.signature(lambda input, p=0.5, training=True, inplace=False: None)
+
+
+class _AsOnDevice(TorchFunctionMode):
+    """Makes meta tensors keep what the target device's kernels keep (see module doc)."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__bool__ and args[0].is_meta:
+            # transformers' data-dependent checks ("no packed sequences?", "mask all ones?"):
+            # meta has no values; True is the answer for unpadded, unpacked training batches
+            return True
+        if func is F.dropout and self.device == "cuda":
+            a = _DROPOUT_SIG.bind(*args, **kwargs).arguments
+            p, training = a.get("p", 0.5), a.get("training", True)
+            if training and p > 0:
+                return torch.native_dropout(a["input"], p, True)[0]  # CUDA keeps a bool mask
+        if func is F.scaled_dot_product_attention:
+            a = _SDPA_SIG.bind(*args, **kwargs)
+            a.apply_defaults()
+            a = a.arguments
+            q, k, v = a["query"], a["key"], a["value"]
+            if a["enable_gqa"] and k.shape[-3] != q.shape[-3]:
+                k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+                v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+            if self.device == "cpu" and a["dropout_p"] > 0:
+                # torch on CPU: no fused kernel supports dropout, so the math path (S x S probs)
+                return torch.ops.aten._scaled_dot_product_attention_math(
+                    q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], scale=a["scale"])[0]
+            return _FlashAttention.apply(q, k, v)
+        return func(*args, **kwargs)
+
+
+def _first_tensor(x):
+    for t in tree_leaves(x):
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+_SEGMENTS = ("forward", "head", "last", "mid", "first", "tail")
+
+
+def _probe_log(config, n_layers, batch, seq, precision, attn, peft, lora_r, grad_ckpt, device):
+    """Run forward+backward on meta; return the allocation log and the forward's saved bytes by tag.
+
+    Phases: forward; head (backward of loss, lm_head, final norm); last / mid / first (the
+    backward of the last, middle and first blocks, recompute included); tail (embeddings).
+    Categories: saved (kept by forward before the lm_head), logits (lm_head + loss, and their
+    backward), temp (backward of blocks: recomputed activations, gradient temporaries), grad.
+    """
+    model = _meta_model(config, n_layers, precision, attn, peft, lora_r, grad_ckpt)
+    counter = LiveBytes(log=True)
+    for t in list(model.parameters()) + list(model.buffers()):
+        counter.track(t, "base")
+    hooks = []
+    for p in model.parameters():
+        if p.requires_grad:
+            hooks.append(p.register_post_accumulate_grad_hook(lambda p: counter.retag(p.grad, "grad")))
+    blocks = _blocks(model)
+
+    def enter(name, cat):
+        return lambda *_: counter.set_phase(name, cat)
+
+    for i, blk in enumerate(blocks):
+        name = "last" if i == len(blocks) - 1 else "first" if i == 0 else "mid"
+
+        def out_hook(mod, args, out, name=name):
+            t = _first_tensor(out)
+            if t is not None and t.requires_grad and counter.phase == "forward":
+                t.register_hook(enter(name, "temp"))
+        hooks.append(blk.register_forward_hook(out_hook))
+    # grad w.r.t. block 0's input arrives when block 0's backward is done
+    def in_hook(mod, args, kwargs):
+        t = _first_tensor((args, kwargs))
+        if t is not None and t.requires_grad and counter.phase == "forward":
+            t.register_hook(enter("tail", "temp"))
+    hooks.append(blocks[0].register_forward_pre_hook(in_hook, with_kwargs=True))
+    # tag what forward saves by sub-module: attention, MLP, or other (norms, residual, embeddings)
+    for mname, mod in model.named_modules():
+        leaf = mname.rsplit(".", 1)[-1]
+        tag = "attn" if leaf in ("attn", "self_attn", "attention") else "mlp" if leaf in ("mlp", "feed_forward") else None
+        if tag:
+            hooks.append(mod.register_forward_pre_hook(lambda *_, tag=tag: setattr(counter, "tag", tag)))
+            hooks.append(mod.register_forward_hook(lambda *_: setattr(counter, "tag", "other")))
+    head = model.get_output_embeddings()
+    hooks.append(head.register_forward_pre_hook(lambda *_: setattr(counter, "cat", "logits")))
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    with counter, _AsOnDevice(device):
+        counter.set_phase("forward", "saved")
+        loss = model(input_ids=ids, labels=ids).loss
+        saved_by_tag = {k: v for k, v in counter.by_tag.items()}
+        counter.set_phase("head", "logits")
+        loss.backward()
+    for h in hooks:
+        h.remove()
+    return counter.log, saved_by_tag
+
+
+@functools.lru_cache(maxsize=256)
+def _probe(cfg_json, cfg_cls, n_layers, batch, seq, precision, attn, peft, lora_r, grad_ckpt, device):
+    config = cfg_cls.from_dict(json.loads(cfg_json))
+    return _probe_log(config, n_layers, batch, seq, precision, attn, peft, lora_r, grad_ckpt, device)
+
+
+PROBE_LAYERS = (2, 4)   # block counts probed: 4 - 2 keeps selective's every-2nd pattern aligned
+PROBE_BATCHES = (2, 3)  # micro-batches probed (1 can skip copies: size-1 dims are always contiguous)
+
+
+def _segment_peaks(config, micro_batch, seq, precision, attn, peft, lora_r, grad_ckpt, device, grad_factor):
+    """Per phase, (saved, logits, temp, grad) at that phase's peak, extrapolated to the real depth and batch.
+
+    `grad_factor` scales the gradients that build up during backward (1: they stay, as in
+    stage 0/1; 0: ZeRO-2/3 reduce them away into partitions counted elsewhere).
+    """
+    key = (config.to_json_string(use_diff=False), type(config))
+    n_layers = config.num_hidden_layers
+    per_depth = {}
+    for L in PROBE_LAYERS:
+        logs = [_probe(*key, L, b, seq, precision, attn, peft, lora_r, grad_ckpt, device)[0] for b in PROBE_BATCHES]
+        if len(logs[0]) != len(logs[1]) or any(a[0] != b[0] for a, b in zip(*logs)):
+            # the two batches did not run the same storages: probe the real batch instead
+            logs = [_probe(*key, L, micro_batch, seq, precision, attn, peft, lora_r, grad_ckpt, device)[0]] * 2
+            scale = 0.0
+        else:
+            scale = (micro_batch - PROBE_BATCHES[0]) / (PROBE_BATCHES[1] - PROBE_BATCHES[0])
+        peaks = {}
+        for e0, e1 in zip(*logs):
+            comps = [a + scale * (b - a) for a, b in zip(e0[1:4], e1[1:4])] + [grad_factor * e0[4]]
+            if sum(comps) > sum(peaks.get(e0[0], (-1,))):
+                peaks[e0[0]] = comps
+        per_depth[L] = peaks
+    lo, hi = PROBE_LAYERS
+    out = {}
+    for seg in ("forward", "head", "last", "first", "tail"):  # "mid" lies between last and first
+        if seg in per_depth[lo] and seg in per_depth[hi]:
+            a, b = per_depth[lo][seg], per_depth[hi][seg]
+            out[seg] = [max(0.0, x + (y - x) * (n_layers - lo) / (hi - lo)) for x, y in zip(a, b)]
+    return out
+
+
+def _saved_per_layer(config, micro_batch, seq, precision, attn, peft, lora_r, grad_ckpt, device):
+    """Bytes one block's forward keeps for backward, by sub-module (attn, mlp, other)."""
+    key = (config.to_json_string(use_diff=False), type(config))
+    lo, hi = PROBE_LAYERS
+    b0, b1 = PROBE_BATCHES
+    per = {}
+    for b in (b0, b1):
+        s_lo = _probe(*key, lo, b, seq, precision, attn, peft, lora_r, grad_ckpt, device)[1]
+        s_hi = _probe(*key, hi, b, seq, precision, attn, peft, lora_r, grad_ckpt, device)[1]
+        per[b] = {t: (s_hi.get(t, 0) - s_lo.get(t, 0)) / (hi - lo) for t in ("attn", "mlp", "other")}
+    scale = (micro_batch - b0) / (b1 - b0)
+    return {t: int(round(per[b0][t] + scale * (per[b1][t] - per[b0][t]))) for t in per[b0]}
+
+
+# ======================================================================================
+# Model states and ZeRO
+# ======================================================================================
+@dataclass(frozen=True)
+class ModelStats:
+    params: int              # unique parameters (tied weights once)
+    trainable: int
+    quantizable: int         # frozen params in LoRA-adapted linears (NF4 under QLoRA)
+    largest_block: int       # parameters of the largest transformer block
+    persistent: int          # params below ZeRO-3's persistence threshold (kept whole on every rank)
+    largest_trainable: int   # largest single trainable tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _model_stats(cfg_json, cfg_cls, peft, lora_r) -> ModelStats:
+    config = cfg_cls.from_dict(json.loads(cfg_json))
+    model = _meta_model(config, None, "fp32", "sdpa", peft, lora_r, "none")
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = [p for p in params if p.requires_grad]
+    quantizable = 0
+    if peft != "none":
+        for m in model.modules():
+            base = getattr(m, "base_layer", None)
+            if base is not None and hasattr(base, "weight"):
+                quantizable += base.weight.numel()
+    blocks = _blocks(model)
+    return ModelStats(
+        params=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in trainable),
+        quantizable=quantizable,
+        largest_block=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        persistent=sum(p.numel() for p in params if p.numel() < ZERO3_PERSISTENCE),
+        largest_trainable=max(p.numel() for p in trainable),
+    )
+
+
+def model_stats(config, peft: str = "none", lora_r: int = 16) -> ModelStats:
+    return _model_stats(config.to_json_string(use_diff=False), type(config), peft, lora_r)
+
+
+def zero_config(stage: int, offload: str, stats: ModelStats) -> dict:
+    """The zero_optimization section of the DeepSpeed config whose memory `estimate` models."""
+    z = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+         "reduce_bucket_size": ZERO_REDUCE_BUCKET}
+    if stage in (1, 2):
+        z["allgather_bucket_size"] = ZERO_ALLGATHER_BUCKET
+    if stage == 3:
+        live = ZERO3_LIVE_BLOCKS * stats.largest_block
+        z.update(stage3_prefetch_bucket_size=stats.largest_block, stage3_max_live_parameters=live,
+                 stage3_max_reuse_distance=live, stage3_param_persistence_threshold=ZERO3_PERSISTENCE)
+    if offload in ("optimizer", "params"):
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "params":
+        z["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return z
+
+
+# ======================================================================================
+# The estimate
+# ======================================================================================
+@dataclass
+class Estimate:
+    """Per-rank bytes at the peak of one training step, itemised (the items add up to `total`)."""
+    total: int
+    peak_phase: str          # forward | head | last | first | tail (backward parts) | optimizer
+    weights: int
+    gradients: int           # held at the peak (stage 0/1 with no accumulation: what backward has built so far)
+    optimizer_state: int
+    master_weights: int
+    activations: int         # saved by forward for backward, embeddings + all blocks (what is left at the peak)
+    logits_loss: int         # logits, fp32 log-probs, their backward temporaries
+    backward_temp: int       # recomputed block (checkpointing) + gradient temporaries of blocks
+    zero_buffers: int        # buckets, ZeRO-3 gathered params (fwd/bwd) or the step's fp32 grads/temporaries
+    overhead: int            # GPU: CUDA context + allocator slack; CPU: 0 (RSS sits above live tensors)
+    host_per_rank: int       # CPU RAM per process (offloaded states + process)
+    host_per_node: int
+    params: int
+    trainable_params: int
+    per_layer: dict = field(default_factory=dict)  # saved bytes of one block: attn / mlp / other
+    inputs: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def items(self) -> dict:
+        return {k: getattr(self, k) for k in ("weights", "gradients", "optimizer_state", "master_weights",
+                                              "activations", "logits_loss", "backward_temp",
+                                              "zero_buffers", "overhead")}
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise UsageError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(map(str, allowed))}")
+
+
+def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "none", micro_batch: int = 1,
+             seq: int = 1024, grad_ckpt: str = "none", precision: str = "bf16", peft: str = "none",
+             attn: str = "sdpa", grad_accum: int = 1, gpus_per_node: int | None = None,
+             lora_r: int = 16, device: str = "cuda") -> Estimate:
+    """Per-rank memory of one DeepSpeed ZeRO training step (AdamW) on `world_size` data-parallel ranks.
+
+    stage 0 is plain data parallel (what a single-process PyTorch loop does on one rank);
+    offload "optimizer" puts fp32 master + Adam state on the CPU (stage >= 1), "params"
+    also the weights (stage 3). device="cpu" models torch's CPU kernels and adds no GPU
+    overhead: that is what the tests compare with `measure_step_peak`.
+    """
+    config = resolve_config(config)
+    _check("stage", stage, STAGES); _check("offload", offload, OFFLOADS); _check("grad_ckpt", grad_ckpt, CKPTS)
+    _check("precision", precision, tuple(BYTES)); _check("peft", peft, PEFTS); _check("attn", attn, ATTNS)
+    _check("device", device, DEVICES)
+    if offload == "optimizer" and stage == 0:
+        raise UsageError("--offload optimizer needs ZeRO: use --stage 1, 2 or 3")
+    if offload == "params" and stage != 3:
+        raise UsageError("--offload params needs --stage 3 (DeepSpeed offloads parameters only in ZeRO-3)")
+    if peft == "qlora" and stage == 3:
+        raise UsageError("--peft qlora with --stage 3 is not modelled: use --stage 0-2, or --peft lora")
+    if min(world_size, micro_batch, seq, grad_accum) < 1:
+        raise UsageError("--gpus, --micro-batch, --seq and grad_accum must be >= 1")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and seq > max_pos:
+        raise UsageError(f"--seq {seq} exceeds the model's {max_pos} positions: lower --seq")
+
+    N, w = world_size, BYTES[precision]
+    mixed = precision != "fp32"
+    st = model_stats(config, peft, lora_r)
+    frozen = st.params - st.trainable
+    on_gpu_optim = offload == "none"
+    opt_shard = N if stage >= 1 else 1      # optimizer state + master partitioned from stage 1
+    grad_shard = N if stage >= 2 else 1     # gradients from stage 2
+    weight_shard = N if stage == 3 else 1   # weights in stage 3
+
+    # ---- model states (exact) ----
+    weight_bytes = st.trainable * w + (frozen - st.quantizable) * w + st.quantizable * (NF4_BYTES if peft == "qlora" else w)
+    if stage == 3:
+        sharded = (weight_bytes - st.persistent * w) / N
+        weights = st.persistent * w + (0 if offload == "params" else sharded)
+    else:
+        weights = weight_bytes
+    grads_full = st.trainable * w
+    optim = 0 if not on_gpu_optim else st.trainable * ADAM_STATE_BYTES / opt_shard
+    master = 0 if not (on_gpu_optim and mixed) else st.trainable * MASTER_BYTES / opt_shard
+
+    # gradients: held all step (accumulation, or the ZeRO-2/3 partition) + what backward builds
+    if stage >= 2:
+        grads_held = 0 if offload != "none" else grads_full / N
+        grad_factor = 0.0
+    elif grad_accum > 1:
+        grads_held, grad_factor = grads_full, 0.0
+    else:
+        grads_held, grad_factor = 0, 1.0
+
+    # ---- activations (probed) ----
+    args = (config, micro_batch, seq, precision, attn, peft, lora_r, grad_ckpt, device)
+    segs = _segment_peaks(*args, grad_factor)
+    per_layer = _saved_per_layer(*args)
+
+    # ---- ZeRO buffers ----
+    buckets = 0
+    if stage >= 1:
+        buckets += 2 * ZERO_REDUCE_BUCKET * w  # double-buffered reduce bucket (overlap_comm)
+    if stage in (1, 2):
+        buckets += ZERO_ALLGATHER_BUCKET * w
+    gathered = ZERO3_LIVE_BLOCKS * st.largest_block * w if stage == 3 else 0
+
+    # ---- the optimizer step ----
+    step_grads = grads_full if stage < 2 else grads_held
+    if on_gpu_optim:
+        if device == "cpu":  # torch's single-tensor AdamW: sqrt and divide, two temporaries of the largest param
+            step_temp = 2 * st.largest_trainable * 4
+        else:                # foreach AdamW: one fp32 temporary the size of the (partitioned) group
+            step_temp = st.trainable * 4 / opt_shard
+        if mixed:            # DeepSpeed casts the gradient partition to fp32 for the update
+            step_temp += st.trainable * 4 / opt_shard
+    else:
+        step_temp = 0
+
+    static = weights + optim + master
+    candidates = {}
+    for seg, (saved, logits, temp, grad) in segs.items():
+        candidates[seg] = dict(gradients=grads_held + grad, activations=saved, logits_loss=logits,
+                               backward_temp=temp, zero_buffers=buckets + gathered)
+    candidates["optimizer"] = dict(gradients=step_grads, activations=0, logits_loss=0, backward_temp=0,
+                                   zero_buffers=buckets + step_temp)
+    phase = max(candidates, key=lambda k: sum(candidates[k].values()))
+    parts = {k: int(round(v)) for k, v in candidates[phase].items()}
+    live = static + sum(parts.values())
+    overhead = int(CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * live) if device == "cuda" else 0
+
+    # ---- host ----
+    host = HOST_PROCESS_BYTES
+    if offload != "none":  # master + Adam + fp32 grad partition (pinned), per rank
+        host += st.trainable * (MASTER_BYTES + ADAM_STATE_BYTES + 4) / N
+    if offload == "params":
+        host += (weight_bytes - st.persistent * w) / N
+    per_node = gpus_per_node or N
+
+    return Estimate(
+        total=int(round(live)) + overhead, peak_phase=phase,
+        weights=int(round(weights)), optimizer_state=int(round(optim)), master_weights=int(round(master)),
+        overhead=overhead, host_per_rank=int(host), host_per_node=int(host * per_node),
+        params=st.params, trainable_params=st.trainable, per_layer=per_layer,
+        inputs=dict(world_size=N, stage=stage, offload=offload, micro_batch=micro_batch, seq=seq,
+                    grad_ckpt=grad_ckpt, precision=precision, peft=peft, attn=attn, grad_accum=grad_accum,
+                    device=device, lora_r=lora_r),
+        **parts)
