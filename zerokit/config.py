@@ -72,8 +72,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    elif isinstance(default, float) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
     elif isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif isinstance(default, str):
@@ -83,16 +86,17 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     raise UsageError(f"config key '{key}' expects a {type(default).__name__} (default {default!r}), got {value!r}")
 
 
-def merge(base: dict, updates: dict, prefix: str = "") -> None:
+def merge(base: dict, updates: dict, prefix: str = "", root: dict | None = None) -> None:
     """Merge `updates` into `base` in place; every key must already exist in `base`."""
+    root = base if root is None else root
     for k, v in updates.items():
         key = prefix + k
         if k not in base:
-            raise _unknown_key(key, base if not prefix else {})
+            raise _unknown_key(key, root)
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise UsageError(f"config key '{key}' is a section; set its fields, e.g. {key}.<field>=...")
-            merge(base[k], v, key + ".")
+            merge(base[k], v, key + ".", root)
         else:
             base[k] = _coerce(key, v, base[k])
 

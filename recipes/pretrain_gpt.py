@@ -1,0 +1,74 @@
+"""Pre-train a GPT from scratch: tokenizer -> packed shards -> model -> the loop.
+
+    python recipes/pretrain_gpt.py                                   # the CPU demo
+    accelerate launch --num_processes 2 --use_deepspeed \\
+        --deepspeed_config_file ds_configs/zero2.json recipes/pretrain_gpt.py train.max_steps=200
+    torchrun --nproc_per_node 8 recipes/pretrain_gpt.py model.preset=gpt2-124m data.corpus=/data/owt ...
+
+Every setting is in configs/pretrain_gpt.yaml.
+"""
+import logging
+from pathlib import Path
+
+from zerokit.backends import make_backend
+from zerokit.config import save_config
+from zerokit.data.packed import BlockLoader, corpus_texts, pack_corpus
+from zerokit.data.tokenizer import get_tokenizer
+from zerokit.dist import barrier, init_distributed
+from zerokit.loop import train
+from zerokit.models import build_causal_lm
+from zerokit.pretraining import PretrainTask, sample_text
+from zerokit.recipe import run_recipe
+
+log = logging.getLogger("zerokit")
+
+
+def prepare_data(d, cache: Path):
+    """Tokenizer (trained on the training split only) and packed train/val token shards, both cached."""
+    train_texts = corpus_texts(d.corpus, d.text_field, d.val_fraction) if d.tokenizer == "train" else None
+    tok_dir, tokenizer = get_tokenizer(d.tokenizer, train_texts, d.vocab_size, cache / "tokenizers")
+    return tokenizer, pack_corpus(d.corpus, tok_dir, tokenizer, cache / "data", d.val_fraction, d.text_field)
+
+
+def main(cfg):
+    info = init_distributed(cfg.train.dist_timeout_s)
+    run_dir = Path(cfg.run_dir)
+    cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "zerokit"
+
+    # Data: rank 0 tokenizes (or finds the cache) first; the other ranks then hit the cache.
+    if not info.is_main:
+        barrier()
+    tokenizer, data_dir = prepare_data(cfg.data, cache)
+    if info.is_main:
+        barrier()
+
+    t = cfg.train
+    model = build_causal_lm(cfg.model.preset, cfg.model.name_or_path, len(tokenizer), cfg.data.block_size,
+                            cfg.model.dropout, cfg.model.grad_ckpt, t.seed, tokenizer.eos_token_id)
+    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload)
+    loader = BlockLoader(data_dir, "train", cfg.data.block_size, t.micro_batch_size, t.grad_accum,
+                         info.rank, info.world_size, t.seed)
+    task = PretrainTask(data_dir, cfg.data.block_size, t.micro_batch_size, cfg.data.eval_batches)
+
+    def write_extras(ckpt: Path) -> None:  # what `zerokit export` needs besides the weights
+        save_config(cfg, ckpt / "config.yaml")
+        backend.module.config.save_pretrained(ckpt / "model")
+        tokenizer.save_pretrained(ckpt / "model")
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=cfg.data.block_size,
+                    write_extras=write_extras)
+    if summary.get("preempted"):
+        return
+    s = cfg.sample
+    text = sample_text(backend.module, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, info.world_size)
+    if info.is_main:
+        (run_dir / "sample.txt").write_text(text)
+        print(f"\nval_loss {summary['val_loss']:.4f}  val_bpb {summary['val_bpb']:.4f}  "
+              f"{summary['tokens_per_s']:,.0f} tokens/s  {summary['train_seconds']:.0f} s\n--- sample ---\n{text}\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_recipe(main, Path(__file__).parent / "configs" / "pretrain_gpt.yaml", __doc__.split("\n")[0]))

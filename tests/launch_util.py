@@ -1,0 +1,70 @@
+"""Run the real recipes as subprocesses (python, torchrun, accelerate launch) and read back
+what they wrote. Multi-rank tests go through the same launchers users type."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PRETRAIN = str(REPO / "recipes" / "pretrain_gpt.py")
+
+# A tiny, fast, dropout-free setup whose runs are comparable step by step.
+TINY = ["model.preset=gpt-tiny", "model.dropout=0.0", "data.block_size=32", "data.vocab_size=512",
+        "data.eval_batches=4", "train.eval_every=0", "train.log_every=1", "train.checkpoint_every=0",
+        "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4", "sample.max_new_tokens=8", "resume=none"]
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def launcher(nproc: int, kind: str = "torchrun", ds_config: str | None = None) -> list[str]:
+    if kind == "python":
+        return [sys.executable]
+    if kind == "accelerate":
+        cmd = [str(BIN / "accelerate"), "launch", "--num_processes", str(nproc), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if ds_config:
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", ds_config]
+        elif nproc > 1:
+            cmd += ["--multi_gpu"]
+        return cmd
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def run(cmd: list[str], timeout: float = 600, check: bool = True, **env_extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, kind: str = "torchrun", cache: Path | None = None,
+             ds_config: str | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    args = [*TINY, f"run_dir={run_dir}", *overrides]
+    if cache:
+        args.append(f"data.cache_dir={cache}")
+    if ds_config and kind != "accelerate":
+        args.append(f"ds_config={ds_config}")
+    return run([*launcher(nproc, kind, ds_config), PRETRAIN, *args], timeout=timeout, check=check)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def assert_close(a: dict, b: dict, rel: float) -> None:
+    assert a.keys() == b.keys(), f"steps differ: {sorted(a)} vs {sorted(b)}"
+    worst = max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
+    assert worst <= rel, f"max relative loss difference {worst:.3g} > {rel}: {a} vs {b}"

@@ -1,0 +1,49 @@
+"""`zerokit <command>`: the toolkit's command line. Each command lives in its own module
+and exposes `main(argv) -> exit status`; user errors print one line and exit 2."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from zerokit.errors import UsageError
+
+COMMANDS = {
+    "export": ("zerokit.export", "export_main", "checkpoint -> Hugging Face model directory"),
+    "generate": ("zerokit.generate", "generate_main", "sample text from a model directory (+ LoRA adapter)"),
+    "estimate": ("zerokit.memory", "estimate_main", "per-rank memory of a configuration, itemised"),
+    "plan": ("zerokit.planner", "plan_main", "configurations that fit, ranked by predicted step time"),
+    "bench": ("zerokit.bench", "bench_main", "sweep short real runs; CSV, plots, report.md"),
+    "memtest": ("zerokit.memtest", "memtest_main", "measure model-state bytes per rank vs the ZeRO formula"),
+    "slurm": ("zerokit.launch", "slurm_main", "write (and submit) a SLURM batch script for a recipe"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: zerokit <command> [args]   (zerokit <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<10} {doc}" for name, (_, _, doc) in COMMANDS.items()]
+    lines += ["", "Training runs through the recipes: python recipes/pretrain_gpt.py key=value ..."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[argv[0]]
+    debug = "--debug" in argv
+    rest = [a for a in argv[1:] if a != "--debug"]
+    try:
+        return getattr(importlib.import_module(module), func)(rest) or 0
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

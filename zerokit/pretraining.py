@@ -1,0 +1,58 @@
+"""The pre-training task: next-token loss on packed windows, validation loss and bits per
+byte, and a generated sample. The same `loss`/`evaluate` verbs as the fine-tuning tasks."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zerokit.dist import all_reduce_sum
+
+
+def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over positions whose target is not -100, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    targets = batch["targets"]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+class PretrainTask:
+    def __init__(self, data_dir: Path, block_size: int, micro_batch_size: int, eval_batches: int = 0):
+        self.data_dir, self.block_size = Path(data_dir), block_size
+        self.micro_batch_size, self.eval_batches = micro_batch_size, eval_batches or None
+
+    def loss(self, model, batch: dict):
+        return causal_lm_loss_sum(model, batch)
+
+    def evaluate(self, model, rank: int, world_size: int) -> dict:
+        """Validation loss (nats per token) and bits per byte: total nats over the UTF-8 bytes the
+        predicted tokens stand for, divided by ln 2 (comparable across tokenizers)."""
+        from zerokit.data.packed import eval_batches
+        device = next(model.parameters()).device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        for batch in eval_batches(self.data_dir, "val", self.block_size, self.micro_batch_size, rank, world_size,
+                                  max_batches=self.eval_batches):
+            weight = batch.get("weight", 1)
+            nats, n = causal_lm_loss_sum(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            totals += torch.stack([nats.double(), n.double(), torch.tensor(float(batch["target_bytes"]), device=device)]) * weight
+        nats, tokens, n_bytes = all_reduce_sum(totals).tolist()
+        return {"val_loss": nats / tokens, "val_bpb": nats / n_bytes / math.log(2)}
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+                world_size: int, seed: int = 0) -> str:
+    """One sampled continuation. Every rank calls it (ZeRO-3/FSDP shard the weights: synced_gpus)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
+                             top_k=top_k, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                             synced_gpus=world_size > 1)
+    model.train(was_training)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
