@@ -23,11 +23,11 @@ For device="cpu" SDPA with dropout falls back to the math path, as torch does on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
 import gc
-import inspect
 import json
 import sys
 import weakref
@@ -50,10 +50,6 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_STATE_BYTES = 8        # exp_avg + exp_avg_sq, fp32, per trainable parameter
 MASTER_BYTES = 4            # fp32 master copy, per trainable parameter (bf16/fp16 only)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # QLoRA base weight: 4 bits + double-quantised absmax
-LORA_TARGETS = {            # modules LoRA adapts, per architecture ("all-linear" otherwise)
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 # DeepSpeed knobs, in elements. planner writes exactly these into the DeepSpeed JSON,
 # so what we estimate is what runs.
 ZERO_REDUCE_BUCKET = int(5e7)       # reduce_bucket_size; double-buffered with overlap_comm
@@ -235,23 +231,16 @@ def resolve_config(model):
 
 
 def apply_grad_ckpt(model, mode: str) -> None:
-    """none | full (every block recomputed) | selective (every 2nd block, starting at block 0)."""
+    """none | full (every block recomputed) | selective (every 2nd block, starting at block 0).
+
+    Non-reentrant, as zerokit.models.enable_grad_ckpt does. A peft model: pass its base model.
+    """
     if mode == "none":
         return
     every = {"full": 1, "selective": 2}[mode]
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                           every_n_layers=every)
-
-
-def apply_lora(model, r: int = 16, dropout: float = 0.0):
-    """peft LoRA on the attention and MLP projections: only the adapters train."""
-    from peft import LoraConfig, get_peft_model
-
-    mtype = model.config.model_type
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
-                     target_modules=LORA_TARGETS.get(mtype, "all-linear"),
-                     fan_in_fan_out=(mtype == "gpt2"))  # GPT-2's Conv1D stores weights transposed
-    return get_peft_model(model, cfg)
+    model.config.use_cache = False
 
 
 def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: str, lora_r: int, grad_ckpt: str):
@@ -269,9 +258,12 @@ def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: s
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
             model.to(DTYPES[precision])
             model.train()
-            apply_grad_ckpt(model, grad_ckpt)
             if peft != "none":
-                model = apply_lora(model, lora_r)
+                # the project's own LoRA set-up (targets, r, dropout), so we model what trains;
+                # on meta a QLoRA base is modelled as LoRA (same saved tensors, weights counted as NF4)
+                from zerokit.peft_setup import apply_peft
+                model = apply_peft(model, "lora", r=lora_r)
+            apply_grad_ckpt(model.get_base_model() if peft != "none" else model, grad_ckpt)
     finally:
         hf_logging.set_verbosity(verbosity)
     return model
@@ -306,43 +298,54 @@ class _FlashAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_SDPA_SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                              scale=None, enable_gqa=False: None)
-_DROPOUT_SIG = inspect.signature(lambda input, p=0.5, training=True, inplace=False: None)
+def _dropout_as(device):
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if device == "cuda" and training and p > 0:
+            return torch.native_dropout(input, p, True)[0]  # CUDA keeps a 1-byte mask
+        return _ORIG["dropout"](input, p, training, inplace)  # CPU (and meta): a noise tensor of input's dtype
+    return dropout
 
 
-class _AsOnDevice(TorchFunctionMode):
-    """Makes meta tensors keep what the target device's kernels keep (see module doc)."""
+def _sdpa_as(device):
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        q, k, v = query, key, value
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        if device == "cpu" and dropout_p > 0:
+            # torch on CPU: no fused kernel does dropout, so the math path (S x S probs and noise)
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                q, k, v, attn_mask, dropout_p, is_causal, scale=scale)[0]
+        return _FlashAttention.apply(q, k, v)
+    return sdpa
 
-    def __init__(self, device: str):
-        super().__init__()
-        self.device = device
+
+_ORIG = {"dropout": F.dropout, "sdpa": F.scaled_dot_product_attention}
+
+
+class _MetaTruth(TorchFunctionMode):
+    """transformers' data-dependent checks ("packed sequences?", "mask all ones?") ask meta
+    tensors for values they do not have; True is the answer for unpadded training batches."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         if func is torch.Tensor.__bool__ and args[0].is_meta:
-            # transformers' data-dependent checks ("no packed sequences?", "mask all ones?"):
-            # meta has no values; True is the answer for unpadded, unpacked training batches
             return True
-        if func is F.dropout and self.device == "cuda":
-            a = _DROPOUT_SIG.bind(*args, **kwargs).arguments
-            p, training = a.get("p", 0.5), a.get("training", True)
-            if training and p > 0:
-                return torch.native_dropout(a["input"], p, True)[0]  # CUDA keeps a bool mask
-        if func is F.scaled_dot_product_attention:
-            a = _SDPA_SIG.bind(*args, **kwargs)
-            a.apply_defaults()
-            a = a.arguments
-            q, k, v = a["query"], a["key"], a["value"]
-            if a["enable_gqa"] and k.shape[-3] != q.shape[-3]:
-                k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-                v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-            if self.device == "cpu" and a["dropout_p"] > 0:
-                # torch on CPU: no fused kernel supports dropout, so the math path (S x S probs)
-                return torch.ops.aten._scaled_dot_product_attention_math(
-                    q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], scale=a["scale"])[0]
-            return _FlashAttention.apply(q, k, v)
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _as_on_device(device: str):
+    """Make meta tensors keep what the target device's kernels keep (see module doc).
+
+    Patches torch.nn.functional for the duration (module globals, so checkpointing's
+    recompute inside backward sees them too); not thread-safe, which a probe need not be.
+    """
+    F.dropout, F.scaled_dot_product_attention = _dropout_as(device), _sdpa_as(device)
+    try:
+        with _MetaTruth():
+            yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = _ORIG["dropout"], _ORIG["sdpa"]
 
 
 def _first_tensor(x):
@@ -401,7 +404,7 @@ def _probe_log(config, n_layers, batch, seq, precision, attn, peft, lora_r, grad
     hooks.append(head.register_forward_pre_hook(lambda *_: setattr(counter, "cat", "logits")))
 
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with counter, _AsOnDevice(device):
+    with counter, _as_on_device(device):
         counter.set_phase("forward", "saved")
         loss = model(input_ids=ids, labels=ids).loss
         saved_by_tag = {k: v for k, v in counter.by_tag.items()}
@@ -479,6 +482,7 @@ class ModelStats:
     largest_block: int       # parameters of the largest transformer block
     persistent: int          # params below ZeRO-3's persistence threshold (kept whole on every rank)
     largest_trainable: int   # largest single trainable tensor
+    matmul_params: int       # params that multiply activations: all but the input embedding (unless tied to the head)
 
 
 @functools.lru_cache(maxsize=64)
@@ -494,6 +498,7 @@ def _model_stats(cfg_json, cfg_cls, peft, lora_r) -> ModelStats:
             if base is not None and hasattr(base, "weight"):
                 quantizable += base.weight.numel()
     blocks = _blocks(model)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     return ModelStats(
         params=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in trainable),
@@ -501,6 +506,7 @@ def _model_stats(cfg_json, cfg_cls, peft, lora_r) -> ModelStats:
         largest_block=max(sum(p.numel() for p in b.parameters()) for b in blocks),
         persistent=sum(p.numel() for p in params if p.numel() < ZERO3_PERSISTENCE),
         largest_trainable=max(p.numel() for p in trainable),
+        matmul_params=sum(p.numel() for p in params) - (0 if head is emb else emb.numel()),
     )
 
 
@@ -558,6 +564,36 @@ class Estimate:
                                               "zero_buffers", "overhead")}
 
 
+def model_states(st: ModelStats, *, world_size: int, stage: int, offload: str, precision: str, peft: str) -> dict:
+    """Per-rank bytes of weights, gradients, Adam state and fp32 master (the ZeRO paper's 2+2+12 per param).
+
+    Partitioning: optimizer state + master from stage 1, gradients from stage 2, weights in
+    stage 3 (except params under the persistence threshold, kept whole on every rank).
+    Offload moves optimizer state + master (and with "params" the weight partition) to the CPU.
+    """
+    N, w = world_size, BYTES[precision]
+    frozen = st.params - st.trainable
+    nf4 = NF4_BYTES if peft == "qlora" else w
+    weight_bytes = (st.params - st.quantizable) * w + st.quantizable * nf4
+    if stage == 3:
+        sharded = (weight_bytes - st.persistent * w) / N
+        weights = st.persistent * w + (0 if offload == "params" else sharded)
+    else:
+        weights = weight_bytes
+    opt_shard = N if stage >= 1 else 1
+    on_gpu = offload == "none"
+    grads_full = st.trainable * w
+    return {
+        "weights": weights,
+        "weight_bytes": weight_bytes,   # all ranks' weights together, unsharded
+        "grads_full": grads_full,
+        # gradients kept through the step: full for stage 0/1, the partition for 2/3, none on GPU when offloaded
+        "gradients": grads_full if stage < 2 else (grads_full / N if on_gpu else 0),
+        "optimizer_state": st.trainable * ADAM_STATE_BYTES / opt_shard if on_gpu else 0,
+        "master_weights": st.trainable * MASTER_BYTES / opt_shard if on_gpu and precision != "fp32" else 0,
+    }
+
+
 def _check(name, value, allowed):
     if value not in allowed:
         raise UsageError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(map(str, allowed))}")
@@ -593,27 +629,15 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     N, w = world_size, BYTES[precision]
     mixed = precision != "fp32"
     st = model_stats(config, peft, lora_r)
-    frozen = st.params - st.trainable
+    ms = model_states(st, world_size=N, stage=stage, offload=offload, precision=precision, peft=peft)
+    weights, optim, master, grads_full = ms["weights"], ms["optimizer_state"], ms["master_weights"], ms["grads_full"]
+    weight_bytes = ms["weight_bytes"]
     on_gpu_optim = offload == "none"
-    opt_shard = N if stage >= 1 else 1      # optimizer state + master partitioned from stage 1
-    grad_shard = N if stage >= 2 else 1     # gradients from stage 2
-    weight_shard = N if stage == 3 else 1   # weights in stage 3
-
-    # ---- model states (exact) ----
-    weight_bytes = st.trainable * w + (frozen - st.quantizable) * w + st.quantizable * (NF4_BYTES if peft == "qlora" else w)
-    if stage == 3:
-        sharded = (weight_bytes - st.persistent * w) / N
-        weights = st.persistent * w + (0 if offload == "params" else sharded)
-    else:
-        weights = weight_bytes
-    grads_full = st.trainable * w
-    optim = 0 if not on_gpu_optim else st.trainable * ADAM_STATE_BYTES / opt_shard
-    master = 0 if not (on_gpu_optim and mixed) else st.trainable * MASTER_BYTES / opt_shard
+    opt_shard = N if stage >= 1 else 1
 
     # gradients: held all step (accumulation, or the ZeRO-2/3 partition) + what backward builds
     if stage >= 2:
-        grads_held = 0 if offload != "none" else grads_full / N
-        grad_factor = 0.0
+        grads_held, grad_factor = ms["gradients"], 0.0
     elif grad_accum > 1:
         grads_held, grad_factor = grads_full, 0.0
     else:
@@ -633,7 +657,7 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     gathered = ZERO3_LIVE_BLOCKS * st.largest_block * w if stage == 3 else 0
 
     # ---- the optimizer step ----
-    step_grads = grads_full if stage < 2 else grads_held
+    step_grads = ms["gradients"]
     if on_gpu_optim:
         if device == "cpu":  # torch's single-tensor AdamW: sqrt and divide, two temporaries of the largest param
             step_temp = 2 * st.largest_trainable * 4
@@ -673,3 +697,122 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
                     grad_ckpt=grad_ckpt, precision=precision, peft=peft, attn=attn, grad_accum=grad_accum,
                     device=device, lora_r=lora_r),
         **parts)
+
+
+# ======================================================================================
+# CLI: zerokit estimate
+# ======================================================================================
+def parse_bytes(text: str) -> int:
+    """'80GB', '24GiB', '512G', '1.5TB' -> bytes (GB and GiB both mean 2**30: GPU and DIMM sizes are binary)."""
+    t = str(text).strip().upper().replace("IB", "B")
+    for suffix, mult in (("TB", 2**40), ("GB", GiB), ("MB", MiB), ("T", 2**40), ("G", GiB), ("M", MiB), ("B", 1)):
+        if t.endswith(suffix):
+            t, m = t[: -len(suffix)], mult
+            break
+    else:
+        m = GiB  # a bare number means GiB
+    try:
+        return int(float(t) * m)
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as a size: write e.g. 80GB or 512GiB") from None
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:,.2f} GiB" if abs(n) >= GiB else f"{n / MiB:,.1f} MiB"
+
+
+_PHASES = {"forward": "forward", "head": "start of backward (loss, lm_head)", "last": "backward of the last block",
+           "first": "backward of the first block", "tail": "end of backward (embeddings)",
+           "optimizer": "optimizer step"}
+
+
+def describe(e: Estimate) -> dict:
+    """One line per item: what it holds under these settings."""
+    i = e.inputs
+    N, s, prec = i["world_size"], i["stage"], i["precision"]
+    shard = lambda on: f"/{N} ranks" if on and N > 1 else "full copy"
+    return {
+        "weights": f"{prec} weights, {'NF4 base + ' if i['peft'] == 'qlora' else ''}"
+                   + ("on CPU (offload params)" if i["offload"] == "params" else shard(s == 3)),
+        "gradients": f"{prec} grads of {e.trainable_params / 1e6:,.1f}M trainable params, "
+                     + ("reduced to CPU" if s >= 2 and i["offload"] != "none" else shard(s >= 2)),
+        "optimizer_state": "AdamW m+v fp32, " + ("on CPU" if i["offload"] != "none" else shard(s >= 1)),
+        "master_weights": "none (fp32 training)" if prec == "fp32" else
+                          "fp32 master, " + ("on CPU" if i["offload"] != "none" else shard(s >= 1)),
+        "activations": f"saved for backward, {i['grad_ckpt']} checkpointing, {i['attn']}",
+        "logits_loss": "logits, fp32 log-probs, and their backward temporaries",
+        "backward_temp": "recomputed block + gradient temporaries",
+        "zero_buffers": {0: "optimizer-step temporaries", 3: "ZeRO-3 gathered params + reduce buckets"}.get(
+            s, "reduce/allgather buckets + optimizer-step temporaries"),
+        "overhead": "CUDA context + allocator slack (rule of thumb)" if i["device"] == "cuda" else "none counted on CPU",
+    }
+
+
+def format_estimate(e: Estimate, name: str = "") -> str:
+    i = e.inputs
+    lines = [f"zerokit estimate{': ' + name if name else ''} | {i['world_size']} rank(s), ZeRO-{i['stage']}, "
+             f"offload {i['offload']}, {i['precision']}, micro-batch {i['micro_batch']} x seq {i['seq']}, "
+             f"grad-accum {i['grad_accum']}, grad-ckpt {i['grad_ckpt']}, peft {i['peft']}, {i['attn']}, {i['device']}",
+             f"params {e.params / 1e6:,.1f}M, trainable {e.trainable_params / 1e6:,.1f}M",
+             f"per rank at the peak ({_PHASES.get(e.peak_phase, e.peak_phase)}):"]
+    why = describe(e)
+    for k, v in e.items().items():
+        lines.append(f"  {k:<16}{fmt_bytes(v):>14}   {why[k]}")
+    lines.append(f"  {'total':<16}{fmt_bytes(e.total):>14}")
+    pl = e.per_layer
+    lines.append(f"saved per block: attention {fmt_bytes(pl['attn'])}, MLP {fmt_bytes(pl['mlp'])}, "
+                 f"other {fmt_bytes(pl['other'])}")
+    lines.append(f"host RAM: {fmt_bytes(e.host_per_rank)} per rank, {fmt_bytes(e.host_per_node)} per node")
+    return "\n".join(lines)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset (e.g. gpt2-124m, llama-7b) or path to a config folder")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: min(1024, model's context))")
+    p.add_argument("--precision", choices=tuple(BYTES), default="bf16")
+    p.add_argument("--peft", choices=PEFTS, default="none")
+    p.add_argument("--attn", choices=ATTNS, default="sdpa")
+    p.add_argument("--lora-r", type=int, default=16)
+
+
+def default_seq(config, seq):
+    if seq:
+        return seq
+    return min(1024, getattr(config, "max_position_embeddings", None) or 1024)
+
+
+def estimate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zerokit estimate", description="Per-rank memory of one training step, itemised.")
+    add_model_args(p)
+    p.add_argument("--stage", type=int, choices=STAGES, default=0)
+    p.add_argument("--offload", choices=OFFLOADS, default="none",
+                   help="optimizer: fp32 master + Adam on CPU; params: weights too (stage 3)")
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-ckpt", choices=CKPTS, default="none")
+    p.add_argument("--device", choices=DEVICES, default="cuda", help="cpu: model torch's CPU kernels, no GPU overhead")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    config = resolve_config(a.model)
+    e = estimate(config, world_size=a.gpus * a.nodes, stage=a.stage, offload=a.offload, micro_batch=a.micro_batch,
+                 seq=default_seq(config, a.seq), grad_ckpt=a.grad_ckpt, precision=a.precision, peft=a.peft,
+                 attn=a.attn, grad_accum=a.grad_accum, gpus_per_node=a.gpus, lora_r=a.lora_r, device=a.device)
+    if a.json:
+        print(json.dumps(dict(e.as_dict(), model=a.model, descriptions=describe(e)), indent=2))
+    else:
+        print(format_estimate(e, a.model))
+    return 0
+
+
+def _run_cli(main, argv=None) -> int:
+    try:
+        return main(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(_run_cli(estimate_main))
