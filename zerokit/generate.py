@@ -116,7 +116,9 @@ def load_for_generation(model_path: str, adapter: str | None = None, device: str
     """(model, tokenizer) from an exported model folder, plus a LoRA adapter folder if given."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    mp = Path(model_path)
+    mp = Path(model_path).expanduser()
+    if not mp.exists() and str(model_path).startswith(("/", ".", "~")):
+        raise UsageError(f"model folder not found: {model_path}; give the folder an export wrote (config.json + weights)")
     if mp.is_dir() and not (mp / "config.json").is_file():
         hint = " (it looks like a LoRA adapter: pass it as --adapter and its base as --model)" if (mp / "adapter_config.json").is_file() else ""
         raise UsageError(f"{mp} has no config.json{hint}; --model must be an exported model folder")
@@ -129,7 +131,7 @@ def load_for_generation(model_path: str, adapter: str | None = None, device: str
         # fp32 on CPU (bf16 matmuls there are slow and lossy); the saved dtype on GPU.
         model = cls.from_pretrained(model_path, dtype=torch.float32 if device == "cpu" else "auto")
     except OSError as e:
-        raise UsageError(f"cannot load model {model_path!r} ({e}); give an exported model folder") from None
+        raise UsageError(f"cannot load model {model_path!r} ({' '.join(str(e).split())}); give an exported model folder") from None
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
@@ -137,7 +139,7 @@ def load_for_generation(model_path: str, adapter: str | None = None, device: str
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
-        raise UsageError(f"no tokenizer in {tok_dir} ({e}); save the tokenizer beside the model") from None
+        raise UsageError(f"no tokenizer in {tok_dir} ({' '.join(str(e).split())}); save the tokenizer beside the model") from None
     return model.to(device), tokenizer
 
 

@@ -69,7 +69,7 @@ def load_base_model(name_or_path: str | os.PathLike, kind: str = "causal_lm", qu
     try:
         model = cls.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
-        raise UsageError(f"cannot load {kind} model {str(name_or_path)!r} ({e}); give a local model folder "
+        raise UsageError(f"cannot load {kind} model {str(name_or_path)!r} ({' '.join(str(e).split())}); give a local model folder "
                          "(config.json + weights) or a hub name reachable from this machine") from None
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
