@@ -108,6 +108,7 @@ up() {
   local host
   host=$(hostname -s)
   mkdir -p "$D"/{ctld,n1,n2,log,munge}
+  chmod 755 "$D"  # munged (user munge) must reach its socket inside
   chown munge:munge "$D/munge"
   chmod 755 "$D/munge"  # munged wants the socket dir readable by all
 

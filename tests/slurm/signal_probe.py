@@ -2,8 +2,8 @@
 
 Called like a recipe (`probe.py key=value ... run_dir=DIR resume=auto`) by the generated script. Each
 rank writes DIR/rank<R>.json (its torchrun/SLURM environment and arguments), then, on the first attempt,
-waits for SIGUSR1 and follows the training loop's contract: note the signal (DIR/usr1.<R>), rank 0 writes
-DIR/PREEMPTED, exit 0. On the requeued attempt (SLURM_RESTART_COUNT set) it records itself and exits 0.
+waits for SIGUSR1 and follows the training loop's contract: "checkpoint" (3 s), note the signal
+(DIR/usr1.<R>), rank 0 writes DIR/PREEMPTED, exit 0. On the requeued attempt (SLURM_RESTART_COUNT set) it records itself and exits 0.
 No torch import: this checks the launch path only, in seconds.
 """
 import json
@@ -36,6 +36,9 @@ if attempt == 0:
         time.sleep(0.1)
     if not got:
         sys.exit(f"rank {rank}: no SIGUSR1 within 120 s")
+    # A checkpoint takes a while: if anything kills this rank meanwhile (e.g. torchrun dying of USR1 takes
+    # its whole step down), the marker below never appears.
+    time.sleep(3)
     (run_dir / f"usr1.{rank}").write_text(str(time.time()))
     if rank == 0:
         (run_dir / "PREEMPTED").write_text("1")
