@@ -76,6 +76,7 @@ def test_sampling_seed_and_beam(saved):
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG stream is untouched
     assert generate_text(model, tok, PROMPTS, strategy="sample", max_new_tokens=10, seed=1, top_k=0, temperature=1.5) == a
     assert generate_text(model, tok, PROMPTS, strategy="sample", max_new_tokens=10, seed=2, top_k=0, temperature=1.5) != a
+    assert len(generate_text(model, tok, [""], max_new_tokens=3)) == 1  # empty prompt: continues from eos
     beams = generate_text(model, tok, PROMPTS, strategy="beam", num_beams=3, max_new_tokens=6)
     assert len(beams) == 3 and all(isinstance(b, str) for b in beams)
     with pytest.raises(UsageError, match="strategy"):

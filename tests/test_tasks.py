@@ -90,6 +90,8 @@ def test_load_records_missing_and_bad_columns(tmp_path, minilm_tok):
         SentimentTask(minilm_tok, [{"sentence": "a", "label": -1}], None)
     with pytest.raises(UsageError, match="not an integer"):
         SentimentTask(minilm_tok, [{"sentence": "a", "label": "pos"}], None)
+    with pytest.raises(UsageError, match="could not load dataset 'stanfordnlp/sst2'"):
+        load_records("stanfordnlp/sst2", "validation")  # a hub name; the tests run with HF_DATASETS_OFFLINE=1
     with pytest.raises(UsageError, match="unknown task"):
         build_task("qa", minilm_tok, None, None)
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from zerokit.data.tasks import pad
+from zerokit.data.tasks import eval_mode, pad
 from zerokit.errors import UsageError
 
 STRATEGIES = ("greedy", "beam", "sample")
@@ -50,8 +50,9 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
         raise UsageError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     ids = [list(p) if not isinstance(p, str) else tokenizer(p)["input_ids"] for p in prompts]
-    # A decoder-only model needs at least one token to continue from: eos doubles as bos (GPT-2 style).
-    ids = [p if p else [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id] for p in ids]
+    # A decoder-only model needs a token to continue from: bos, else eos (GPT-2 trains with eos as bos).
+    start = next(t for t in (tokenizer.bos_token_id, eos, pad_id) if t is not None)
+    ids = [p if p else [start] for p in ids]
 
     synced = _dist_world() > 1 if synced_gpus is None else bool(synced_gpus)
     device = next(model.parameters()).device
@@ -71,24 +72,19 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
 
     side = "right" if encoder_decoder else "left"
     out: list[str] = []
-    was_training = model.training
-    model.eval()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            for b in range(n_batches):
-                chunk = ids[b * batch_size:(b + 1) * batch_size]
-                real = len(chunk)
-                chunk = chunk or [ids[0] if ids else [pad_id]]  # throw-away batch for the collective
-                input_ids = pad(chunk, pad_id, side).to(device)
-                mask = pad([[1] * len(c) for c in chunk], 0, side).to(device)
-                seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-                new = seqs if encoder_decoder else seqs[:, input_ids.size(1):]
-                out += [tokenizer.decode(s, skip_special_tokens=True).strip() for s in new[:real]]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.random.fork_rng(devices=fork_devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for b in range(n_batches):
+            chunk = ids[b * batch_size:(b + 1) * batch_size]
+            real = len(chunk)
+            chunk = chunk or [ids[0] if ids else [pad_id]]  # throw-away batch for the collective
+            input_ids = pad(chunk, pad_id, side).to(device)
+            mask = pad([[1] * len(c) for c in chunk], 0, side).to(device)
+            seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            new = seqs if encoder_decoder else seqs[:, input_ids.size(1):]
+            out += [tokenizer.decode(s, skip_special_tokens=True).strip() for s in new[:real]]
     return out
 
 

@@ -21,6 +21,7 @@ untrusted input: parsed with csv/json, never evaluated.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -264,21 +265,16 @@ def _is_encoder_decoder(model: torch.nn.Module) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-class _EvalMode:
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
     """eval() + no_grad for the block, then the model's previous train/eval mode again."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-        self.no_grad.__exit__(*exc)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- SST-2
@@ -338,7 +334,7 @@ class SentimentTask:
             raise UsageError("no validation data; give the task a validation split")
         dev = _model_device(model)
         sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count
-        with _EvalMode(model):
+        with eval_mode(model):
             for idx in shard_batches(n, self.eval_batch_size, rank, world_size):
                 real = bool(idx)
                 idx = idx or [0]  # throw-away batch keeps the collective forward count equal
@@ -509,7 +505,7 @@ class SummarizationTask:
 
     def _val_loss_sums(self, model, recs, rank, world_size) -> tuple[float, float]:
         loss_sum, n_tok = 0.0, 0.0
-        with _EvalMode(model):
+        with eval_mode(model):
             for idx in shard_batches(len(recs), self.eval_batch_size, rank, world_size):
                 real = bool(idx)
                 loss, n = self.loss(model, self.collate([recs[i] for i in (idx or [0])]))
