@@ -10,10 +10,14 @@ if [ $# -lt 2 ] || ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then
 fi
 nproc=$1
 shift
-# The checkout's venv if there is one, else whatever torchrun is on PATH (an activated venv).
+# torchrun from the active venv if any, else the checkout's .venv (scripts/setup_venv.sh), else PATH.
 here=$(cd "$(dirname "$0")/.." && pwd)
 torchrun=torchrun
-[ -x "$here/.venv/bin/torchrun" ] && torchrun=$here/.venv/bin/torchrun
+if [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/torchrun" ]; then
+  torchrun=$VIRTUAL_ENV/bin/torchrun
+elif [ -x "$here/.venv/bin/torchrun" ]; then
+  torchrun=$here/.venv/bin/torchrun
+fi
 # Same hang-to-error setting as the SLURM scripts: a failed NCCL collective aborts instead of blocking.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 # --standalone: a local rendezvous on a free port, so two runs on one machine don't collide.

@@ -28,28 +28,36 @@ install_if_missing() {
   echo "cluster.sh: installing slurmctld slurmd slurm-client munge (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # policy-rc.d in containers stops the packages' own services from starting; we start ours below.
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  # Keep the packages from starting their own system daemons (we start ours below): a policy-rc.d that
+  # says no, unless the machine already has one (containers usually do).
+  local policy=/usr/sbin/policy-rc.d made=0
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; made=1; fi
+  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null || {
+    [ "$made" = 1 ] && rm -f "$policy"; die "apt-get install failed"; }
+  [ "$made" = 1 ] && rm -f "$policy"
+  return 0
 }
 
-stop_pidfile() {  # stop_pidfile FILE: TERM the daemon named in FILE, wait up to 10 s, then KILL it
-  local f=$1 pid i
-  [ -f "$f" ] || return 0
-  pid=$(cat "$f" 2>/dev/null || true)
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$f"
+stop_daemons() {  # stop_daemons PIDFILE...: TERM them all, wait up to 10 s, KILL what is left
+  local f pid pids=() i
+  for f in "$@"; do
+    pid=$(cat "$f" 2>/dev/null || true)
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && pids+=("$pid")
+    rm -f "$f"
+  done
+  [ ${#pids[@]} = 0 ] && return 0
+  for i in $(seq 50); do
+    kill -0 "${pids[@]}" 2>/dev/null || return 0  # kill -0 succeeds while any of them is alive
+    sleep 0.2
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
 }
 
 down() {
   [ -d "$D" ] || return 0
-  stop_pidfile "$D/n1/slurmd.pid"
-  stop_pidfile "$D/n2/slurmd.pid"
-  stop_pidfile "$D/slurmctld.pid"
-  stop_pidfile "$D/munge/munged.pid"
+  # slurmd first (they report to slurmctld), munged last (everyone authenticates through it).
+  stop_daemons "$D/n1/slurmd.pid" "$D/n2/slurmd.pid" "$D/slurmctld.pid"
+  stop_daemons "$D/munge/munged.pid"
   # Rewrite in place (not sed -i): /etc/hosts is often a bind mount that cannot be replaced by rename.
   if grep -qF "$HOSTS_MARK" /etc/hosts; then
     grep -vF "$HOSTS_MARK" /etc/hosts > "$D/hosts.new" || true
