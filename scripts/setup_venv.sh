@@ -23,16 +23,18 @@ if [ ! -x "$VENV/bin/python" ]; then
   [ "${ZEROKIT_SYSTEM_SITE:-0}" = 1 ] && flags+=(--system-site-packages)
   "$PY" -m venv "${flags[@]}" "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+pip() {  # quiet, minus the local package index's "Location ... is ignored" noise
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored" >&2)
+}
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found and no torch in $VENV: installing the default (CUDA) torch"
-    "${pip[@]}" torch
+    pip torch
   else
     echo "setup: no NVIDIA GPU: installing the CPU build torch==2.13.0"
-    "${pip[@]}" torch==2.13.0
+    pip torch==2.13.0
   fi
 fi
 echo "setup: installing zerokit[$EXTRAS] into $VENV (first time ~1-2 min)"
-"${pip[@]}" -e ".[$EXTRAS]"
+pip -e ".[$EXTRAS]"
 echo "$want" > "$stamp"

@@ -56,6 +56,13 @@ def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, kind: str = "torchr
     return run([*launcher(nproc, kind, ds_config), PRETRAIN, *args], timeout=timeout, check=check)
 
 
+def pretrain_many(runs: list[list[str]], nproc: int, cache: Path, workdir: Path, timeout: float = 1200) -> None:
+    """Several recipe runs in one torchrun launch (see tests/workers/run_recipe_many.py)."""
+    spec = Path(workdir) / "runs.json"
+    spec.write_text(json.dumps([[*TINY, f"data.cache_dir={cache}", *r] for r in runs]))
+    run([*launcher(nproc), str(REPO / "tests" / "workers" / "run_recipe_many.py"), PRETRAIN, str(spec)], timeout=timeout)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
