@@ -12,11 +12,11 @@ of `zerokit slurm`, and the recipe runs for real (gpt-tiny, fp32, gloo on CPU):
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +92,17 @@ class Slurm:
 def slurm():
     if os.geteuid() != 0:
         pytest.fail("the SLURM tests need root (they install slurm and start munged/slurmctld/slurmd)")
+    # One test cluster per machine (fixed ports, node names in /etc/hosts): wait for another session's.
+    lock = open("/tmp/zerokit-slurm-tests.lock", "w")
+    deadline = time.monotonic() + 900
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                pytest.fail("another pytest -m slurm session held /tmp/zerokit-slurm-tests.lock for 15 min")
+            time.sleep(2)
     state = Path(tempfile.mkdtemp(prefix="zerokit-slurm-"))
     env = dict(os.environ, ZEROKIT_SLURM_DIR=str(state))
     t0 = time.monotonic()
@@ -104,6 +115,7 @@ def slurm():
         yield Slurm(state)
     finally:
         down = subprocess.run(["bash", str(CLUSTER), "down"], env=env, text=True, capture_output=True)
+        lock.close()
         assert down.returncode == 0, down.stderr
 
 
