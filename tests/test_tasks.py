@@ -172,7 +172,7 @@ def test_sentiment_batch_padding(data_dir, minilm_tok):
 # ----------------------------------------------------------------------------- summarization encoding
 
 def test_summary_loss_mask_and_truncation(dialogs, bpe_tok):
-    task = SummarizationTask(bpe_tok, dialogs[:40], None, max_length=96, max_target_length=40)
+    task = SummarizationTask(bpe_tok, dialogs[:40], None, max_length=96, max_target_length=40, max_new_tokens=16)
     eos = bpe_tok.eos_token_id
     longest = max(dialogs[:40], key=lambda r: len(r["dialogue"]))
     for rec in (dialogs[0], longest):
@@ -194,7 +194,7 @@ def test_summary_loss_mask_and_truncation(dialogs, bpe_tok):
     assert longest["dialogue"] not in text
     assert longest["dialogue"][:12] in text and longest["dialogue"][-12:] in text
     with pytest.raises(UsageError, match="max_length"):
-        SummarizationTask(bpe_tok, None, None, max_length=12).encode("a b c", "d")
+        SummarizationTask(bpe_tok, None, None, max_length=40, max_target_length=24, max_new_tokens=8)
 
 
 def test_causal_loss_matches_hf_shifted_loss(dialogs, bpe_tok):

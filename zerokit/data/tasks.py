@@ -405,6 +405,7 @@ class SummarizationTask:
         self.prefix_ids, self.suffix_ids = _special_wrapping(tokenizer)
         if not encoder_decoder:
             self.suffix_ids = []  # a causal prompt ends where the summary starts: no [SEP]/eos there
+        self.prompt_ids("", max(max_target_length, max_new_tokens))  # a too small max_length fails here, not mid-run
         self.train_recs = self._read(train, "train", dialogue_column, summary_column)
         self.val_recs = self._read(validation, "validation", dialogue_column, summary_column)
 
