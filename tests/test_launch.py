@@ -3,6 +3,7 @@ accelerate configs. What the scripts *do* under SLURM is tests/test_slurm.py (py
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -171,3 +172,19 @@ def test_accelerate_config_loads(path):
 def test_accelerate_configs_present():
     assert {p.name for p in ACCELERATE} >= {"single_process.yaml", "multi_cpu_2proc_deepspeed.yaml",
                                              "multi_gpu.yaml", "multi_gpu_deepspeed_zero2.yaml"}
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_deepspeed_config_really_runs_two_ranks(tmp_path):
+    """multi_cpu_2proc_deepspeed.yaml as a user would launch it: 2 ranks, the DeepSpeed backend (~1 min)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           "launch/accelerate/multi_cpu_2proc_deepspeed.yaml", "recipes/pretrain_gpt.py", "model.preset=gpt-tiny",
+           "data.block_size=32", "data.vocab_size=512", "data.eval_batches=2", "train.max_steps=3",
+           "train.eval_every=0", "sample.max_new_tokens=8", f"data.cache_dir={tmp_path / 'cache'}",
+           f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "deepspeed", summary
