@@ -1,0 +1,76 @@
+"""D3/D4: trackers leave readable files; a dead rank fails the others instead of hanging."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+from launch_util import PRETRAIN, REPO, TINY, env, launcher, pretrain
+
+
+def wandb_history(path):
+    """History rows of an offline .wandb file: LevelDB-style log blocks of protobuf Records
+    (7-byte ':W&B' header, 32 KiB blocks, 7-byte record headers: crc, length, type)."""
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, payload, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(payload)
+            payload = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return rows
+
+
+def test_tensorboard_and_wandb_offline_are_readable(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    pretrain(run_dir, "train.max_steps=4", "report_to=tensorboard,wandb", kind="python", check=True)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert "val_bpb" in acc.Tags()["scalars"]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "W&B offline should leave one run folder"
+    (wandb_file,) = runs[0].glob("*.wandb")
+    losses = [float(v["loss"]) for v in wandb_history(wandb_file) if "loss" in v]
+    assert len(losses) == 4
+    # No secret is ever written to the saved config or logs.
+    saved = (run_dir / "config.yaml").read_text() + (run_dir / "metrics.jsonl").read_text()
+    assert "WANDB_API_KEY" not in saved and "api_key" not in saved
+
+
+def test_killed_rank_fails_the_others_within_the_timeout(tmp_path, data_dir):
+    """SIGKILL one of 2 ranks mid-run: the survivor exits with an error well before it would
+    hang forever (dist_timeout_s=60)."""
+    run_dir = tmp_path / "run"
+    cmd = [*launcher(2), PRETRAIN, *TINY, f"run_dir={run_dir}", "train.max_steps=100000", "train.dist_timeout_s=60"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "metrics.jsonl").is_file() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        import psutil
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain_gpt.py" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [c.cmdline() for c in workers]
+        killed_at = time.time()
+        workers[-1].kill()  # SIGKILL one worker rank
+        proc.wait(timeout=120)
+        elapsed = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert elapsed < 90, f"survivors took {elapsed:.0f} s to fail"
