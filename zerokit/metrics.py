@@ -17,10 +17,18 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls against the weights (forward 2N, backward 4N)
-    plus 12·L·H·Q·T for attention scores and values (PaLM, appendix B). N counts the weights that
-    multiply activations: every parameter except position embeddings (the tied token embedding
-    counts once, as the output projection)."""
+    plus 12·L·H·Q·T for the attention score and value products (PaLM, appendix B)."""
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """N of the formula: parameters that multiply activations. Embedding lookups are not FLOPs,
+    so embedding tables count only when tied to the output projection (GPT-2's wte)."""
+    out = model.get_output_embeddings()
+    head = out.weight if out is not None else None
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
+    params = {id(p): p for p in model.parameters() if id(p) not in lookups}  # dedupe tied weights
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params.values())
 
 
 def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -28,14 +36,7 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     n_head = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    n = 0
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or "wpe" in name.split("."):  # position-embedding lookups are not FLOPs
-            continue
-        seen.add(id(p))
-        n += getattr(p, "ds_numel", p.numel())
-    return flops_per_token(n, n_layer, n_head, hidden // n_head, seq_len)
+    return flops_per_token(matmul_params(model), n_layer, n_head, hidden // n_head, seq_len)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -45,6 +45,8 @@ class FSDPBackend:
                 fully_shard(m, **kw)
         fully_shard(model, **kw)
         self.model = self.module = model
+        if train.get("compile"):
+            self.model = torch.compile(model)
         self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
         self.grad_clip = train.grad_clip
 

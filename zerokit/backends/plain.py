@@ -25,6 +25,8 @@ class PlainBackend:
         self.module = model.to(info.device)
         self.model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
             if info.world_size > 1 else model
+        if train.get("compile"):
+            self.model = torch.compile(self.model)
         self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
         self.grad_clip = train.grad_clip
         # fp16 needs dynamic loss scaling; bf16 and fp32 do not.
