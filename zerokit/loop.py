@@ -52,6 +52,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def train_step(backend, task, window: list[dict], info: DistInfo, lr: float):
+    """One optimizer step over an accumulation window of micro-batches. Returns this rank's
+    summed loss, the window's target count over all ranks, and the gradient norm (tensors)."""
+    # Normalise by the target count of the whole window on all ranks: accumulation and padding exact.
+    window_targets = all_reduce_sum(sum(num_targets(mb) for mb in window).to(info.device, torch.float64))
+    backend.set_lr(lr)
+    total = torch.zeros((), dtype=torch.float64, device=info.device)
+    for k, micro in enumerate(window):
+        sync = k == len(window) - 1  # reduce gradients across ranks only after the last micro-batch
+        micro = to_device(micro, info.device)
+        with backend.micro_batch(sync):
+            loss_sum, _ = task.loss(backend.model, micro)
+            backend.backward(loss_sum * (info.world_size / window_targets), sync)
+        total += loss_sum.detach()
+    return total, window_targets, backend.step()
+
+
 def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_extras=None) -> dict:
     """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json)."""
     t = cfg.train
@@ -90,18 +107,10 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     backend.module.train()
     while step < t.max_steps:
         window = loader.next_window()
-        # The loss is normalised by the target count of the whole window on all ranks.
-        window_targets = all_reduce_sum(sum(num_targets(mb) for mb in window).to(info.device, torch.float64))
+        lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr=t.min_lr)
+        loss_sum, window_targets, grad_norm = train_step(backend, task, window, info, lr)
+        interval[0] += loss_sum
         interval[1] += sum(num_inputs(mb) for mb in window)
-        backend.set_lr(lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr=t.min_lr))
-        for k, micro in enumerate(window):
-            sync = k == len(window) - 1
-            micro = to_device(micro, info.device)
-            with backend.micro_batch(sync):
-                loss_sum, _ = task.loss(backend.model, micro)
-                backend.backward(loss_sum * (info.world_size / window_targets), sync)
-            interval[0] += loss_sum.detach()
-        grad_norm = backend.step()
         step += 1
         interval_targets += window_targets  # device tensors: read only at log steps (no sync per step)
         bar.update(1)

@@ -47,6 +47,10 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
     """One sampled continuation. Every rank calls it (ZeRO-3/FSDP shard the weights: synced_gpus)."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    cfg = model.config
+    positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if positions:  # learned position tables end at the context length
+        max_new_tokens = max(0, min(max_new_tokens, positions - ids.shape[1]))
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
