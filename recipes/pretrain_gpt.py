@@ -12,22 +12,14 @@ from pathlib import Path
 
 from zerokit.backends import make_backend
 from zerokit.config import save_config
-from zerokit.data.packed import BlockLoader, corpus_texts, pack_corpus
-from zerokit.data.tokenizer import get_tokenizer
+from zerokit.data.packed import BlockLoader
 from zerokit.dist import barrier, init_distributed
 from zerokit.loop import train
 from zerokit.models import build_causal_lm
-from zerokit.pretraining import PretrainTask, sample_text
+from zerokit.pretraining import PretrainTask, prepare_data, sample_text
 from zerokit.recipe import run_recipe
 
 log = logging.getLogger("zerokit")
-
-
-def prepare_data(d, cache: Path):
-    """Tokenizer (trained on the training split only) and packed train/val token shards, both cached."""
-    train_texts = corpus_texts(d.corpus, d.text_field, d.val_fraction) if d.tokenizer == "train" else None
-    tok_dir, tokenizer = get_tokenizer(d.tokenizer, train_texts, d.vocab_size, cache / "tokenizers")
-    return tokenizer, pack_corpus(d.corpus, tok_dir, tokenizer, cache / "data", d.val_fraction, d.text_field)
 
 
 def main(cfg):

@@ -11,6 +11,16 @@ import torch.nn.functional as F
 from zerokit.dist import all_reduce_sum
 
 
+def prepare_data(d, cache: Path):
+    """Tokenizer (trained on the training split only) and packed train/val shards, both cached.
+    `d` is the recipe's `data` config section."""
+    from zerokit.data.packed import corpus_texts, pack_corpus
+    from zerokit.data.tokenizer import get_tokenizer
+    train_texts = corpus_texts(d.corpus, d.text_field, d.val_fraction) if d.tokenizer == "train" else None
+    tok_dir, tokenizer = get_tokenizer(d.tokenizer, train_texts, d.vocab_size, cache / "tokenizers")
+    return tokenizer, pack_corpus(d.corpus, tok_dir, tokenizer, cache / "data", d.val_fraction, d.text_field)
+
+
 def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over positions whose target is not -100, and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
