@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from zerokit.config import load_config
 from zerokit.data.packed import BlockLoader
@@ -32,6 +32,19 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": b["input_ids"][i % self.B], "labels": b["input_ids"][i % self.B]}
 
 
+class StepClock(TrainerCallback):
+    """Times steps after the first 10 (engine start-up and warm-up are not throughput)."""
+
+    def __init__(self):
+        self.t10 = self.t_end = None
+
+    def on_step_end(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        if state.global_step == 10:
+            self.t10 = time.time()
+        self.t_end = time.time()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -48,12 +61,12 @@ def main():
     args = TrainingArguments(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=t.micro_batch_size,
                              learning_rate=t.lr, warmup_steps=10, bf16=True, deepspeed=a.ds_config, logging_steps=10,
                              save_strategy="no", report_to=[], dataloader_pin_memory=True, max_grad_norm=t.grad_clip)
-    trainer = Trainer(model=model, args=args, train_dataset=Windows(loader, 64))
-    start = time.time()
+    clock = StepClock()
+    trainer = Trainer(model=model, args=args, train_dataset=Windows(loader, 64), callbacks=[clock])
     result = trainer.train()
-    seconds = time.time() - start
+    seconds = clock.t_end - clock.t10
     world = args.world_size
-    tokens = a.steps * t.micro_batch_size * cfg.data.block_size * world
+    tokens = (a.steps - 10) * t.micro_batch_size * cfg.data.block_size * world
     if args.process_index == 0:
         peak = peak_flops(torch.device("cuda", 0))
         tok_s = tokens / seconds
