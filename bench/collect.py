@@ -16,6 +16,13 @@ def main():
     rows = []
     for summary in sorted(Path(a.root).glob("*/summary.json")):
         s = json.loads(summary.read_text())
+        metrics = summary.parent / "metrics.jsonl"
+        if metrics.is_file():  # steady state: log intervals after the first 10 steps (start-up, compile)
+            steady = [json.loads(l) for l in metrics.read_text().splitlines()]
+            steady = [m for m in steady if m.get("step", 0) > 10 and "tokens_per_s" in m]
+            if steady:
+                s["tokens_per_s"] = sum(m["tokens_per_s"] for m in steady) / len(steady)
+                s["mfu"] = sum(m.get("mfu") or 0 for m in steady) / len(steady) or None
         mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") else "-"
         rows.append(f"| {summary.parent.name} | {s.get('world_size', '-')} | {s['tokens_per_s']:,.0f} | {mfu} | "
                     f"{s['peak_mem_mb'] / 1024:.1f} |")
