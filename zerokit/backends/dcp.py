@@ -9,6 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from zerokit.optim import set_lr
+
 
 def save_dcp(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     msd, osd = get_state_dict(model, optimizer)
@@ -20,6 +22,19 @@ def load_dcp(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(Path(path) / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class DCPState:
+    """set_lr/save/load for the backends that own a torch optimizer (`self.module`, `self.optimizer`)."""
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def save(self, path) -> None:
+        save_dcp(path, self.module, self.optimizer)
+
+    def load(self, path) -> None:
+        load_dcp(path, self.module, self.optimizer)
 
 
 def full_model_state_dict(model: torch.nn.Module) -> dict:

@@ -11,16 +11,16 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from zerokit.backends import resolve_precision
-from zerokit.backends.dcp import load_dcp, save_dcp
+from zerokit.backends.dcp import DCPState
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.models import block_classes
-from zerokit.optim import build_adamw, set_lr
+from zerokit.optim import build_adamw
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class FSDPBackend:
+class FSDPBackend(DCPState):
     name = "fsdp"
 
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, strategy: str, offload: bool):
@@ -67,12 +67,3 @@ class FSDPBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
-
-    def save(self, path) -> None:
-        save_dcp(path, self.module, self.optimizer)
-
-    def load(self, path) -> None:
-        load_dcp(path, self.module, self.optimizer)

@@ -9,14 +9,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from zerokit.backends import resolve_precision
-from zerokit.backends.dcp import load_dcp, save_dcp
+from zerokit.backends.dcp import DCPState
 from zerokit.dist import DistInfo
-from zerokit.optim import build_adamw, set_lr
+from zerokit.optim import build_adamw
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PlainBackend:
+class PlainBackend(DCPState):
     name = "plain"
 
     def __init__(self, model: torch.nn.Module, train, info: DistInfo):
@@ -55,12 +55,3 @@ class PlainBackend:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
-
-    def save(self, path) -> None:
-        save_dcp(path, self.module, self.optimizer)
-
-    def load(self, path) -> None:
-        load_dcp(path, self.module, self.optimizer)
