@@ -170,3 +170,26 @@ def test_cli_json_and_table(capsys):
     assert estimate_main(["--model", "gpt-tiny", "--seq", "64", "--grad-ckpt", "full"]) == 0
     table = capsys.readouterr().out
     assert "activations" in table and "total" in table and "saved per block" in table
+
+
+def test_measure_agrees_with_torch_memtracker():
+    """Our live-storage counter against torch's own MemTracker on the same step."""
+    import gc
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from zerokit.memory import _train_step
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, V, (4, S))
+    batch = {"input_ids": ids, "labels": ids}
+    ours = measure_step_peak(model, batch, opt)["peak_bytes"]  # warms up, so optimizer state exists
+    gc.collect()
+    mt = MemTracker()
+    mt.track_external(model, opt, ids)
+    with mt:
+        _train_step(model, batch, opt)
+    theirs = sum(v["Total"] for v in mt.get_tracker_snapshot("peak").values())
+    assert ours == pytest.approx(theirs, rel=0.01)

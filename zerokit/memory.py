@@ -355,9 +355,6 @@ def _first_tensor(x):
     return None
 
 
-_SEGMENTS = ("forward", "head", "last", "mid", "first", "tail")
-
-
 def _probe_log(config, n_layers, batch, seq, precision, attn, peft, lora_r, grad_ckpt, device):
     """Run forward+backward on meta; return the allocation log and the forward's saved bytes by tag.
 
@@ -572,7 +569,6 @@ def model_states(st: ModelStats, *, world_size: int, stage: int, offload: str, p
     Offload moves optimizer state + master (and with "params" the weight partition) to the CPU.
     """
     N, w = world_size, BYTES[precision]
-    frozen = st.params - st.trainable
     nf4 = NF4_BYTES if peft == "qlora" else w
     weight_bytes = (st.params - st.quantizable) * w + st.quantizable * nf4
     if stage == 3:
@@ -668,8 +664,7 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     else:
         step_temp = 0
 
-    static = weights + optim + master
-    candidates = {}
+    candidates = {}  # per phase: what is live besides weights, optimizer state and master (always there)
     for seg, (saved, logits, temp, grad) in segs.items():
         candidates[seg] = dict(gradients=grads_held + grad, activations=saved, logits_loss=logits,
                                backward_temp=temp, zero_buffers=buckets + gathered)
@@ -677,7 +672,8 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
                                    zero_buffers=buckets + step_temp)
     phase = max(candidates, key=lambda k: sum(candidates[k].values()))
     parts = {k: int(round(v)) for k, v in candidates[phase].items()}
-    live = static + sum(parts.values())
+    parts.update(weights=int(round(weights)), optimizer_state=int(round(optim)), master_weights=int(round(master)))
+    live = sum(parts.values())
     overhead = int(CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * live) if device == "cuda" else 0
 
     # ---- host ----
@@ -689,9 +685,8 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     per_node = gpus_per_node or N
 
     return Estimate(
-        total=int(round(live)) + overhead, peak_phase=phase,
-        weights=int(round(weights)), optimizer_state=int(round(optim)), master_weights=int(round(master)),
-        overhead=overhead, host_per_rank=int(host), host_per_node=int(host * per_node),
+        total=live + overhead, peak_phase=phase, overhead=overhead,
+        host_per_rank=int(host), host_per_node=int(host * per_node),
         params=st.params, trainable_params=st.trainable, per_layer=per_layer,
         inputs=dict(world_size=N, stage=stage, offload=offload, micro_batch=micro_batch, seq=seq,
                     grad_ckpt=grad_ckpt, precision=precision, peft=peft, attn=attn, grad_accum=grad_accum,

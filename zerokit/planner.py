@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zerokit import memory
 from zerokit.errors import UsageError
-from zerokit.memory import BYTES, GiB, fmt_bytes, parse_bytes
+from zerokit.memory import BYTES, fmt_bytes, parse_bytes
 
 
 @dataclass(frozen=True)
