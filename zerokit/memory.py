@@ -30,6 +30,7 @@ import functools
 import gc
 import json
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -243,17 +244,29 @@ def apply_grad_ckpt(model, mode: str) -> None:
     model.config.use_cache = False
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """The probe builds and runs throw-away models: their config/loss warnings are noise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calling transformers' deprecated names
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: str, lora_r: int, grad_ckpt: str):
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     cfg = copy.deepcopy(config)
     if n_layers is not None:
         cfg.num_hidden_layers = n_layers
     cfg.use_cache = False
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with _quiet_transformers():
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
             model.to(DTYPES[precision])
@@ -264,8 +277,6 @@ def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: s
                 from zerokit.peft_setup import apply_peft
                 model = apply_peft(model, "lora", r=lora_r)
             apply_grad_ckpt(model.get_base_model() if peft != "none" else model, grad_ckpt)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return model
 
 
@@ -401,7 +412,7 @@ def _probe_log(config, n_layers, batch, seq, precision, attn, peft, lora_r, grad
     hooks.append(head.register_forward_pre_hook(lambda *_: setattr(counter, "cat", "logits")))
 
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with counter, _as_on_device(device):
+    with counter, _as_on_device(device), _quiet_transformers():
         counter.set_phase("forward", "saved")
         loss = model(input_ids=ids, labels=ids).loss
         saved_by_tag = {k: v for k, v in counter.by_tag.items()}
@@ -729,7 +740,7 @@ def describe(e: Estimate) -> dict:
     return {
         "weights": f"{prec} weights, {'NF4 base + ' if i['peft'] == 'qlora' else ''}"
                    + ("on CPU (offload params)" if i["offload"] == "params" else shard(s == 3)),
-        "gradients": f"{prec} grads of {e.trainable_params / 1e6:,.1f}M trainable params, "
+        "gradients": f"{prec} grads of {e.trainable_params / 1e6:,.2f}M trainable params, "
                      + ("reduced to CPU" if s >= 2 and i["offload"] != "none" else shard(s >= 2)),
         "optimizer_state": "AdamW m+v fp32, " + ("on CPU" if i["offload"] != "none" else shard(s >= 1)),
         "master_weights": "none (fp32 training)" if prec == "fp32" else
@@ -748,7 +759,7 @@ def format_estimate(e: Estimate, name: str = "") -> str:
     lines = [f"zerokit estimate{': ' + name if name else ''} | {i['world_size']} rank(s), ZeRO-{i['stage']}, "
              f"offload {i['offload']}, {i['precision']}, micro-batch {i['micro_batch']} x seq {i['seq']}, "
              f"grad-accum {i['grad_accum']}, grad-ckpt {i['grad_ckpt']}, peft {i['peft']}, {i['attn']}, {i['device']}",
-             f"params {e.params / 1e6:,.1f}M, trainable {e.trainable_params / 1e6:,.1f}M",
+             f"params {e.params / 1e6:,.2f}M, trainable {e.trainable_params / 1e6:,.2f}M",
              f"per rank at the peak ({_PHASES.get(e.peak_phase, e.peak_phase)}):"]
     why = describe(e)
     for k, v in e.items().items():
