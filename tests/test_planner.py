@@ -67,6 +67,8 @@ def test_cost_model_matches_its_formulas():
     assert full["compute"] == pytest.approx(t0["compute"] * 4 / 3)  # one more forward
     t3 = planner.step_time(LLAMA_7B, st, stage=3, grad_ckpt="none", **kw)
     assert t3["comm"] == pytest.approx(1.5 * t0["comm"])  # ZeRO paper: stage 3 moves 3 psi vs 2 psi
+    total = t0["compute"] + t0["comm"] + planner.MICRO_STEP_LATENCY_S
+    assert t0["total"] == pytest.approx(total)
     off = planner.step_time(LLAMA_7B, st, stage=3, grad_ckpt="none", **dict(kw, offload="params"))
     assert off["offload"] > 0 and off["total"] > t3["total"]
 

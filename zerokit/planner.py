@@ -15,7 +15,9 @@ Time comes from a deliberately simple cost model, stated here so it can be argue
   offload   = PCIe bytes / pcie_bw + CPU Adam time: optimizer offload moves each micro-step's grad
               partition down and the updated params up once per step; params offload also fetches
               each rank's param partition for forward and backward every micro-step
-  step      = grad_accum x (compute + comm + offload per micro-step) + per-step comm/offload,
+  latency   = a fixed MICRO_STEP_LATENCY_S per micro-step (kernel launches, Python, ZeRO hooks): what
+              makes larger micro-batches faster when FLOPs and bytes are equal
+  step      = grad_accum x (compute + comm + offload + latency per micro-step) + per-step comm/offload,
               no overlap of communication with compute (an upper bound; overlap_comm hides some)
 
 Hardware numbers are parameters (`Hardware`); the defaults are rounded datasheet figures.
@@ -55,6 +57,7 @@ HARDWARE = {
 USABLE_FRACTION = 0.95     # plan to at most this share of GPU / host memory (estimates are +-15%)
 DEFAULT_GLOBAL_TOKENS = 2**19  # 524,288 tokens per optimizer step (GPT-3-small-like) unless --global-batch
 MAX_MICRO_BATCH = 256
+MICRO_STEP_LATENCY_S = 0.02  # per forward+backward, independent of its size (an assumption, not measured)
 
 
 @dataclass
@@ -102,9 +105,10 @@ def step_time(config, stats: memory.ModelStats, *, world_size, nodes, stage, off
         cpu = stats.trainable / N / hw.cpu_adam
     if offload == "params":
         pcie_micro += 2 * params_b / N       # fetch the param partition for forward and backward
-    micro = compute + comm_micro / bw + pcie_micro / hw.pcie_bw
+    micro = compute + comm_micro / bw + pcie_micro / hw.pcie_bw + MICRO_STEP_LATENCY_S
     total = grad_accum * micro + comm_step / bw + pcie_step / hw.pcie_bw + cpu
     return {"compute": grad_accum * compute,
+            "latency": grad_accum * MICRO_STEP_LATENCY_S,
             "comm": (grad_accum * comm_micro + comm_step) / bw,
             "offload": (grad_accum * pcie_micro + pcie_step) / hw.pcie_bw + cpu,
             "total": total}
@@ -146,7 +150,7 @@ def plan(config, *, gpus: int, nodes: int = 1, gpu_mem: int, host_mem: int, seq:
                         break  # memory only grows with the micro-batch
                     fits.append(c)
                     b *= 2
-    fits.sort(key=lambda c: (-c.tokens_per_s, c.est.total))  # ties: more headroom first
+    fits.sort(key=lambda c: (-c.tokens_per_s, c.est.total))  # ties: more memory headroom first
     return fits, misses
 
 
@@ -240,7 +244,8 @@ def plan_main(argv: list[str] | None = None) -> int:
           f"{a.precision}, peft {a.peft}, seq {seq}, global batch {a.global_batch:,} tokens")
     print(f"cost model: {hw.name}, {hw.peak_flops / 1e12:.0f} TFLOP/s x MFU {hw.mfu:.2f}, "
           f"{(hw.inter_bw if a.nodes > 1 else hw.intra_bw) / 1e9:.0f} GB/s collectives, PCIe {hw.pcie_bw / 1e9:.0f} GB/s, "
-          f"no comm/compute overlap; memory limit {USABLE_FRACTION:.0%} of GPU and host")
+          f"{MICRO_STEP_LATENCY_S * 1e3:.0f} ms latency per micro-step, no comm/compute overlap; "
+          f"memory limit {USABLE_FRACTION:.0%} of GPU and host")
     print("model states per rank (before activations):")
     print("\n".join(model_state_table(stats, N, a.precision, a.peft)))
     if not fits:
