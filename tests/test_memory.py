@@ -43,9 +43,10 @@ def measured(cfg, micro_batch, ckpt, peft):
     return measure_step_peak(model, {"input_ids": ids, "labels": ids}, opt)
 
 
-# 16 sweep points: stage 0, fp32, one process on CPU (what a plain PyTorch step does)
-SWEEP = [(attn, b, ckpt, peft) for attn in ("sdpa",) for b in (1, 4) for ckpt in ("none", "full", "selective")
-         for peft in ("none", "lora")] + [("eager", b, ckpt, "none") for b in (1, 4) for ckpt in ("none", "full")]
+# 12 sweep points: stage 0, fp32, one process on CPU (what a plain PyTorch step does)
+SWEEP = ([("sdpa", b, ckpt, "none") for b in (1, 4) for ckpt in ("none", "full", "selective")]
+         + [("sdpa", b, ckpt, "lora") for b in (1, 4) for ckpt in ("none", "full")]
+         + [("eager", 4, ckpt, "none") for ckpt in ("none", "full")])
 
 
 @pytest.mark.parametrize("attn,micro_batch,ckpt,peft", SWEEP)
@@ -57,8 +58,9 @@ def test_estimate_matches_measured_step(attn, micro_batch, ckpt, peft):
     # model states: exact (weights, fp32 AdamW m+v; grads of trainable params only)
     assert e.weights + e.optimizer_state == pytest.approx(m["params_bytes"] + m["optimizer_state_bytes"], rel=0.01)
     assert e.trainable_params * 4 == pytest.approx(m["grads_bytes"], rel=0.01)
-    # the whole peak: within 15% (it is far closer; see the report table)
-    assert e.total == pytest.approx(m["peak_bytes"], rel=0.15), (e.items(), m)
+    # the whole peak: the acceptance bar is 15%; we hold 5% (observed <= 2.2%), so a lost
+    # term as small as the gradients built during backward (~9% here) fails the test
+    assert e.total == pytest.approx(m["peak_bytes"], rel=0.05), (e.items(), m)
 
 
 def test_per_block_bytes_match_saved_tensors_of_a_real_block():
@@ -87,15 +89,15 @@ def test_per_block_bytes_match_saved_tensors_of_a_real_block():
 
 def test_gpu_model_keeps_masks_and_flash_drops_seq_squared():
     cfg = gpt2()
-    cpu = estimate(cfg, micro_batch=4, seq=S, precision="fp32", attn="eager", device="cpu")
-    gpu = estimate(cfg, micro_batch=4, seq=S, precision="fp32", attn="eager", device="cuda")
-    assert sum(gpu.per_layer.values()) < sum(cpu.per_layer.values())  # 1-byte dropout masks, not fp32 noise
+    cfg.n_positions = 2 * S
+
+    def per_layer(attn, seq, device="cuda"):
+        return estimate(cfg, micro_batch=2, seq=seq, precision="bf16", attn=attn, device=device).per_layer
+    # CUDA dropout keeps a 1-byte mask where CPU keeps a noise tensor of the activation dtype
+    assert sum(per_layer("eager", S).values()) < sum(per_layer("eager", S, "cpu").values())
 
     def attn_gap(seq):  # eager keeps B x heads x S x S probabilities; flash SDPA keeps O(S)
-        c = gpt2()
-        c.n_positions = 2 * S
-        kw = dict(micro_batch=2, seq=seq, precision="bf16", device="cuda")
-        return estimate(c, attn="eager", **kw).per_layer["attn"] - estimate(c, attn="sdpa", **kw).per_layer["attn"]
+        return per_layer("eager", seq)["attn"] - per_layer("sdpa", seq)["attn"]
     assert attn_gap(2 * S) / attn_gap(S) == pytest.approx(4, rel=0.1)
 
 
@@ -193,3 +195,29 @@ def test_measure_agrees_with_torch_memtracker():
         _train_step(model, batch, opt)
     theirs = sum(v["Total"] for v in mt.get_tracker_snapshot("peak").values())
     assert ours == pytest.approx(theirs, rel=0.01)
+
+
+def test_measure_takes_a_wrapper_backward_and_step():
+    """The shape a DeepSpeed engine needs: engine.backward(loss), engine.step(), state under .optimizer."""
+    model = GPT2LMHeadModel(gpt2()).train()
+
+    class Engine:  # what DeepSpeedEngine exposes, minus the sharding
+        def __init__(self, opt):
+            self.optimizer, self.calls = opt, []
+
+        def backward(self, loss):
+            self.calls.append("backward")
+            loss.backward()
+
+        def step(self):
+            self.calls.append("step")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    eng = Engine(torch.optim.AdamW(model.parameters(), lr=1e-4))
+    ids = torch.randint(0, V, (2, S))
+    r = measure_step_peak(model, {"input_ids": ids, "labels": ids}, eng, backward=eng.backward, step=eng.step)
+    assert eng.calls == ["backward", "step"] * 2  # warm-up + measured
+    n = sum(p.numel() for p in model.parameters())
+    assert r["optimizer_state_bytes"] == pytest.approx(8 * n, rel=0.01)
+    assert r["grads_bytes"] == pytest.approx(4 * n, rel=0.01)

@@ -158,46 +158,70 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _optimizer_tensors(optimizer):
-    return [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+def _optimizer_tensors(optimizer, with_params: bool = False):
+    """State tensors of a torch optimizer, or of the ones a wrapper (DeepSpeed engine/ZeRO) holds
+    in `.optimizer`; with_params adds the tensors it updates (ZeRO's fp32 master partitions)."""
+    out = []
+    for _ in range(4):  # engine -> ZeRO optimizer -> torch optimizer
+        if optimizer is None:
+            break
+        state = getattr(optimizer, "state", None)
+        if isinstance(state, dict):
+            out += [t for s in state.values() if isinstance(s, dict) for t in s.values() if isinstance(t, torch.Tensor)]
+        if with_params:
+            out += [p for g in getattr(optimizer, "param_groups", []) for p in g.get("params", [])
+                    if isinstance(p, torch.Tensor)]
+        optimizer = getattr(optimizer, "optimizer", None)
+    return out
 
 
-def _train_step(model, batch, optimizer, counter=None):
+def _train_step(model, batch, optimizer, counter=None, backward=None, step=None):
     phase = counter.set_phase if counter else (lambda name: None)
     phase("forward")
     out = model(**batch) if isinstance(batch, dict) else model(batch)
     loss = out.loss if hasattr(out, "loss") else out
     del out  # a training loop keeps only the loss: the logits die here unless autograd saved them
     phase("backward")
-    loss.backward()
+    (backward or (lambda loss: loss.backward()))(loss)
     grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
     phase("optimizer")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if step is None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        step()
     return grads
 
 
-def measure_step_peak(model, batch, optimizer, *, warmup: bool = True) -> dict:
+def measure_step_peak(model, batch, optimizer, *, warmup: bool = True, backward=None, step=None) -> dict:
     """Peak bytes of live tensors during one steady-state training step.
 
     `batch`: a dict for `model(**batch)` (the output needs `.loss`), or one tensor for a
     model that returns the loss. With `warmup`, one unmeasured step runs first so the
     optimizer state exists (a first step differs: Adam allocates its state in it).
-    Returns bytes: the peak and its phase, the baseline (weights + optimizer state +
-    batch), each phase's peak, what forward left alive for backward, the grads.
+    `backward(loss)` and `step()` replace `loss.backward()` and `optimizer.step(); zero_grad()`,
+    e.g. `backward=engine.backward, step=engine.step` for a DeepSpeed engine.
+    Returns bytes: the peak and its phase, the baseline (weights + optimizer state + batch),
+    each phase's peak, what forward left alive for backward, the grads; on CUDA also the
+    allocator's own peak (`cuda_peak_allocated_bytes`), which sees ZeRO's flat buffers that
+    `model.parameters()` and `optimizer.state` do not expose.
     """
     if warmup:
-        _train_step(model, batch, optimizer)
+        _train_step(model, batch, optimizer, backward=backward, step=step)
     gc.collect()
     counter = LiveBytes()
     params = list(model.parameters())
     batch_tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
-    for t in params + list(model.buffers()) + _optimizer_tensors(optimizer) + batch_tensors:
+    for t in params + list(model.buffers()) + _optimizer_tensors(optimizer, with_params=True) + batch_tensors:
         counter.track(t)
     baseline = counter.current
+    on_cuda = torch.cuda.is_available() and any(t.is_cuda for t in params)
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     with counter:
-        grads = _train_step(model, batch, optimizer, counter)
-    return {
+        grads = _train_step(model, batch, optimizer, counter, backward, step)
+    result = {
         "peak_bytes": counter.peak,
         "peak_phase": counter.peak_phase,
         "baseline_bytes": baseline,
@@ -207,6 +231,10 @@ def measure_step_peak(model, batch, optimizer, *, warmup: bool = True) -> dict:
         "after_forward_bytes": counter.marks["backward"] - baseline,
         "phase_peaks": dict(counter.phase_peaks),
     }
+    if on_cuda:
+        torch.cuda.synchronize()
+        result["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
 
 
 # ======================================================================================
