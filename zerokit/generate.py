@@ -9,6 +9,7 @@ count and running throw-away batches, (b) by HF's `synced_gpus=True`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -73,7 +74,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
     side = "right" if encoder_decoder else "left"
     out: list[str] = []
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with eval_mode(model), torch.random.fork_rng(devices=fork_devices):
+    with eval_mode(model), torch.random.fork_rng(devices=fork_devices), fsdp_root_unsharded(model):
         if seed is not None:
             torch.manual_seed(seed)
         for b in range(n_batches):
@@ -86,6 +87,23 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
             new = seqs if encoder_decoder else seqs[:, input_ids.size(1):]
             out += [tokenizer.decode(s, skip_special_tokens=True).strip() for s in new[:real]]
     return out
+
+
+@contextlib.contextmanager
+def fsdp_root_unsharded(model):
+    """FSDP2 gathers a unit's parameters in a hook on that unit's forward. A PeftModel's generate()
+    calls the inner model's forward, past the root unit's hook, so the root's own parameters
+    (embeddings, head, final norm) would stay sharded; gather them for the whole generation
+    (the blocks, units of their own, still gather per forward)."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 # ----------------------------------------------------------------------------- CLI

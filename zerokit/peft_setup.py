@@ -60,8 +60,11 @@ def load_base_model(name_or_path: str | os.PathLike, kind: str = "causal_lm", qu
     if quantize_4bit:
         compute = torch.bfloat16 if on_gpu else torch.float32
         kwargs.update(
+            # A classification head stays full precision: it is new (random) and trained in full by LoRA
+            # (modules_to_save), which cannot copy a 4-bit layer.
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+                                                   llm_int8_skip_modules=list(_HEADS) if kind == "seq_cls" else None),
             device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if on_gpu else "cpu",
             dtype=compute)
     else:

