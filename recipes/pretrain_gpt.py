@@ -23,7 +23,7 @@ log = logging.getLogger("zerokit")
 
 
 def main(cfg):
-    info = init_distributed(cfg.train.dist_timeout_s)
+    info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads)
     run_dir = Path(cfg.run_dir)
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "zerokit"
 
