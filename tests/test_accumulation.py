@@ -51,7 +51,7 @@ def _train(tmp_path, micro, accum):
     cfg = load_config(REPO / "recipes" / "configs" / "pretrain_gpt.yaml",
                       [f"run_dir={tmp_path}", "resume=none", "train.max_steps=3", "train.log_every=1",
                        "train.eval_every=0", "train.checkpoint_every=0", f"train.micro_batch_size={micro}",
-                       f"train.grad_accum={accum}", "train.warmup_steps=1", "train.grad_clip=0.0"])
+                       f"train.grad_accum={accum}", "train.warmup_steps=1", "train.grad_clip=0.0", "train.lr=1e-3"])
     model = build_causal_lm("gpt-tiny", None, 512, 64, dropout=0.0, seed=0)
     backend = PlainBackend(model, cfg.train, CPU)
     train(cfg, backend=backend, task=LossOnly(), loader=PaddedWindows(micro, accum), info=CPU, seq_len=32)
