@@ -53,13 +53,14 @@ def main(cfg):
     summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=cfg.data.block_size,
                     write_extras=write_extras)
     if summary.get("preempted"):
-        return
+        return backend
     s = cfg.sample
     text = sample_text(backend.module, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, info.world_size)
     if info.is_main:
         (run_dir / "sample.txt").write_text(text)
         print(f"\nval_loss {summary['val_loss']:.4f}  val_bpb {summary['val_bpb']:.4f}  "
               f"{summary['tokens_per_s']:,.0f} tokens/s  {summary['train_seconds']:.0f} s\n--- sample ---\n{text}\n")
+    return backend  # for callers that run the recipe in-process (tests, notebooks)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,13 @@ def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, kind: str = "torchr
     return run([*launcher(nproc, kind, ds_config), PRETRAIN, *args], timeout=timeout, check=check)
 
 
-def pretrain_many(runs: list[list[str]], nproc: int, cache: Path, workdir: Path, timeout: float = 1200) -> None:
+def pretrain_many(runs: list[list[str]], nproc: int, cache: Path, workdir: Path, timeout: float = 1200,
+                  dump_logits: bool = False) -> None:
     """Several recipe runs in one torchrun launch (see tests/workers/run_recipe_many.py)."""
     spec = Path(workdir) / "runs.json"
     spec.write_text(json.dumps([[*TINY, f"data.cache_dir={cache}", *r] for r in runs]))
-    run([*launcher(nproc), str(REPO / "tests" / "workers" / "run_recipe_many.py"), PRETRAIN, str(spec)], timeout=timeout)
+    run([*launcher(nproc), str(REPO / "tests" / "workers" / "run_recipe_many.py"), PRETRAIN, str(spec),
+         *(["--dump-logits"] if dump_logits else [])], timeout=timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -28,7 +28,7 @@ def runs(tmp_path_factory, data_dir):
     cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("equivalence")
     pretrain(root / "reference", *COMMON, "train.micro_batch_size=8", kind="python", cache=cache)
     pretrain_many([[*COMMON, "train.micro_batch_size=4", f"run_dir={root / name}", *extra]
-                   for name, extra in ENGINES.items()], nproc=2, cache=cache, workdir=root)
+                   for name, extra in ENGINES.items()], nproc=2, cache=cache, workdir=root, dump_logits=True)
     return root
 
 
@@ -56,3 +56,20 @@ def test_every_engine_matches_single_process(runs, capsys):
     with capsys.disabled():  # the table the closing notes paste (visible with -s or on failure)
         print("\n| engine (2 CPU ranks) | max rel. loss diff | max abs. weight diff |\n|---|---|---|\n" + "\n".join(rows))
     assert not bad, f"engines off the single-process reference: {bad}\n" + "\n".join(rows)
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp_full_shard", "zero2", "ddp"])
+def test_export_gives_the_engines_logits(engine, runs, tmp_path):
+    """B3: `zerokit export` of a sharded checkpoint -> from_pretrained -> the training engine's logits (1e-6)."""
+    import sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    from launch_util import run
+    out = tmp_path / "hf"
+    run([sys.executable, "-m", "zerokit.cli", "export", str(runs / engine / "checkpoints" / f"step_{STEPS}"), str(out)])
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    engine_out = torch.load(runs / engine / "engine_logits.pt")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=engine_out["input_ids"]).logits
+    assert (logits - engine_out["logits"]).abs().max().item() <= 1e-6

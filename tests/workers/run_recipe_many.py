@@ -14,6 +14,18 @@ from zerokit.dist import shutdown
 from zerokit.recipe import setup_logging
 
 
+def dump_logits(backend, path: Path) -> None:
+    """The training engine's own logits on a fixed batch (every rank runs the forward: ZeRO-3/FSDP)."""
+    import torch
+    torch.manual_seed(0)
+    ids = torch.randint(0, backend.module.config.vocab_size, (2, 16))
+    backend.module.eval()
+    with torch.no_grad():
+        logits = backend.model(input_ids=ids).logits
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        torch.save({"input_ids": ids, "logits": logits.float().cpu()}, path)
+
+
 def main() -> None:
     recipe, runs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     spec = importlib.util.spec_from_file_location("recipe", recipe)
@@ -23,7 +35,10 @@ def main() -> None:
     defaults = recipe.parent / "configs" / f"{recipe.stem}.yaml"
     try:
         for overrides in runs:
-            module.main(load_config(defaults, overrides))
+            cfg = load_config(defaults, overrides)
+            backend = module.main(cfg)
+            if len(sys.argv) > 3 and sys.argv[3] == "--dump-logits":
+                dump_logits(backend, Path(cfg.run_dir) / "engine_logits.pt")
     finally:
         shutdown()
 
