@@ -74,3 +74,30 @@ def test_killed_rank_fails_the_others_within_the_timeout(tmp_path, data_dir):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert elapsed < 90, f"survivors took {elapsed:.0f} s to fail"
+
+
+def test_prometheus_endpoint_serves_the_metrics(tmp_path):
+    """Rank 0 serves the logged metrics for a scraper while the run goes on."""
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    cmd = [*launcher(1, "python"), PRETRAIN, *TINY, f"run_dir={run_dir}", "train.max_steps=100000",
+           f"prometheus_port={port}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.time() + 240, ""
+        while "zerokit_loss" not in body:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "no metrics served within 240 s"
+            time.sleep(0.5)
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                pass
+        assert "zerokit_tokens_per_s" in body and "zerokit_step" in body
+    finally:
+        proc.kill()
+        proc.wait()

@@ -78,9 +78,10 @@ def system_stats(device: torch.device) -> dict:
 class MetricsLogger:
     """metrics.jsonl always; TensorBoard and W&B when named in `report_to` (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, report_to: str, config: dict, enabled: bool, run_name: str = "zerokit"):
+    def __init__(self, run_dir: Path, report_to: str, config: dict, enabled: bool, run_name: str = "zerokit",
+                 prometheus_port: int = 0):
         self.enabled = enabled
-        self.tb = self.wandb = None
+        self.tb = self.wandb = self.gauges = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,11 @@ class MetricsLogger:
         if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if prometheus_port:  # for clusters that scrape: every numeric metric as a gauge zerokit_<name>
+            import prometheus_client
+            self.registry = prometheus_client.CollectorRegistry()
+            self.gauges = {}
+            prometheus_client.start_http_server(prometheus_port, registry=self.registry)
         if "wandb" in targets:
             import wandb  # honours WANDB_MODE=offline; the API key stays in the environment, never in config
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "zerokit"), name=run_name,
@@ -111,6 +117,12 @@ class MetricsLogger:
             self.tb.flush()
         if self.wandb:
             self.wandb.log(scalars, step=step)
+        if self.gauges is not None:
+            import prometheus_client
+            for k, v in {**scalars, "step": step}.items():
+                if k not in self.gauges:
+                    self.gauges[k] = prometheus_client.Gauge(f"zerokit_{k}", k, registry=self.registry)
+                self.gauges[k].set(v)
 
     def close(self) -> None:
         if not self.enabled:
