@@ -9,7 +9,10 @@ cells run in this process. Summarisation evaluation under ZeRO-3 / FSDP generate
 of different lengths on 2 ranks (3 + 2: rank 1 runs a throw-away batch), so a hang would show here.
 """
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from launch_util import REPO, launcher, losses, run
+from launch_util import REPO, env, launcher, losses
 from zerokit.config import load_config
 
 MODES = ("none", "lora", "qlora")
@@ -28,20 +31,20 @@ STEPS = 4
 GLOBAL_BATCH = 4
 
 
-def _common(root: Path) -> list[str]:
+def _common() -> list[str]:
     return [f"train.max_steps={STEPS}", "train.log_every=1", "train.warmup_steps=1", "train.eval_every=0",
             f"train.checkpoint_every={STEPS}", "resume=none", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
             "lr_auto.none=1e-3", "lr_auto.lora=1e-2", "lr_auto.qlora=1e-2"]
 
 
 def _summ(root: Path, tiny: Path) -> list[str]:
-    return [*_common(root), f"model.name_or_path={tiny}", f"data.train={root / 'ds_train.jsonl'}",
+    return [*_common(), f"model.name_or_path={tiny}", f"data.train={root / 'ds_train.jsonl'}",
             f"data.validation={root / 'ds_dev.jsonl'}", "data.max_length=128", "data.max_target_length=24",
             "eval.max_new_tokens=6", "eval.batch_size=2"]
 
 
 def _sent(root: Path, tiny: Path) -> list[str]:
-    return [*_common(root), f"model.name_or_path={tiny}", f"data.train={root / 'sst_train.tsv'}",
+    return [*_common(), f"model.name_or_path={tiny}", f"data.train={root / 'sst_train.tsv'}",
             f"data.validation={root / 'sst_dev.tsv'}", "data.max_length=32", "data.eval_batch_size=4"]
 
 
@@ -87,18 +90,37 @@ def _in_process(recipe: str, overrides: list[str]) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # the loop installs its own
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun does: tiny ops on a busy 2-core box are many times slower with 2 threads
     try:
         module.main(load_config(REPO / "recipes" / "configs" / f"{recipe}.yaml", overrides))
     finally:
+        torch.set_num_threads(threads)
         for s, h in saved.items():
             signal.signal(s, h)
 
 
-def _many(recipe: str, runs: list[list[str]], workdir: Path) -> None:
+# DeepSpeed JIT-builds its CPU shared-memory collectives op on first use. In the default, per-user cache
+# two virtualenvs (different paths) rebuild it in turn, minutes each, and a build killed mid-way leaves a
+# lock every later launch waits on forever: keep one cache per virtualenv.
+EXTENSIONS = Path(sys.prefix) / "torch_extensions"
+
+
+def _many(recipe: str, runs: list[list[str]], workdir: Path, timeout: float = 900) -> None:
+    """Several runs of one recipe in one 2-rank torchrun launch (tests/workers/run_recipe_many.py).
+    On timeout the whole process group goes, ranks included (no orphans left holding the CPU)."""
     spec = workdir / f"{recipe}_runs.json"
     spec.write_text(json.dumps(runs))
-    run([*launcher(2), str(REPO / "tests" / "workers" / "run_recipe_many.py"), str(REPO / "recipes" / f"{recipe}.py"),
-         str(spec)], timeout=900)
+    cmd = [*launcher(2), str(REPO / "tests" / "workers" / "run_recipe_many.py"), str(REPO / "recipes" / f"{recipe}.py"), str(spec)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(TORCH_EXTENSIONS_DIR=EXTENSIONS), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)}\ntimed out after {timeout} s\n{out[-6000:]}") from None
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{out[-6000:]}"
 
 
 # The extra 2-rank runs besides the matrix: LoRA with gradient checkpointing under ZeRO-3 (its losses must

@@ -87,13 +87,18 @@ def lora_options(cfg) -> dict:
     return dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=targets or None)
 
 
+def check_peft(cfg) -> None:
+    from zerokit.peft_setup import MODES
+    if cfg.peft not in MODES:
+        raise UsageError(f"peft={cfg.peft} is not one of {', '.join(MODES)}")
+
+
 def build_model(cfg, path: str, kind: str, tokenizer, num_labels: int = 2):
     """The base (4-bit for QLoRA) wrapped for `cfg.peft`, with gradient checkpointing if asked.
     Seeded: the new weights (LoRA A, a classification head) must be equal on every rank, since
     FSDP2 shards each rank's own copy."""
-    from zerokit.peft_setup import MODES, apply_peft, load_base_model
-    if cfg.peft not in MODES:
-        raise UsageError(f"peft={cfg.peft} is not one of {', '.join(MODES)}")
+    from zerokit.peft_setup import apply_peft, load_base_model
+    check_peft(cfg)
     torch.manual_seed(cfg.train.seed)
     model = load_base_model(path, kind, quantize_4bit=cfg.peft == "qlora", num_labels=num_labels,
                             pad_token_id=tokenizer.pad_token_id)
@@ -103,14 +108,23 @@ def build_model(cfg, path: str, kind: str, tokenizer, num_labels: int = 2):
 def resolve_schedule(cfg, n_train: int, world_size: int) -> None:
     """train.lr null -> lr_auto[peft]; train.epochs -> train.max_steps (epochs x samples / global batch)."""
     t = cfg.train
-    if t.lr is None:
-        t.lr = float(cfg.lr_auto[cfg.peft])
+    t.lr = _number("train.lr", cfg.lr_auto[cfg.peft] if t.lr is None else t.lr)
+    if t.epochs is not None:
+        t.epochs = _number("train.epochs", t.epochs)
     if t.epochs:
         global_batch = t.micro_batch_size * t.grad_accum * world_size
         t.max_steps = max(1, math.ceil(t.epochs * n_train / global_batch))
         log.info("train.epochs=%s: %d samples / global batch %d -> %d steps", t.epochs, n_train, global_batch, t.max_steps)
     if t.max_steps is None or t.max_steps < 0:
         raise UsageError("set train.max_steps (>= 0) or train.epochs")
+
+
+def _number(key: str, value) -> float:
+    # Keys whose default is null take any YAML value; YAML 1.1 reads 3e-4 (no dot) as a string.
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key} must be a number, got {value!r}") from None
 
 
 # ----------------------------------------------------------------------------- export
@@ -193,6 +207,7 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     from zerokit.dist import init_distributed
     from zerokit.loop import train
 
+    check_peft(cfg)
     info = init_distributed(cfg.train.dist_timeout_s)
     path = resolve_model_path(cfg.model.name_or_path)
     encoder_decoder = kind == "causal_lm" and is_encoder_decoder(path)
