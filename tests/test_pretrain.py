@@ -71,3 +71,15 @@ def test_second_run_hits_the_data_cache(tmp_path, cache):
     assert "packed" in first.stderr and "data cache hit" not in first.stderr
     assert "data cache hit" in second.stderr and "tokenizer cache hit" in second.stderr
     assert "packed" not in second.stderr.replace("data cache hit", "")
+
+
+def test_plain_python_runs_deepspeed_and_fsdp_on_one_process(tmp_path, cache):
+    """`python recipes/pretrain_gpt.py ds_config=...` without any launcher (one GPU, or a laptop):
+    DeepSpeed and FSDP need a process group, which the loop forms for one process by itself; the
+    losses are the plain single-process run's."""
+    ref = tmp_path / "plain"
+    pretrain(ref, "train.max_steps=3", kind="python", cache=cache)
+    for name, extra in (("zero3", "ds_config=ds_configs/zero3.json"), ("fsdp", "fsdp=full_shard")):
+        pretrain(tmp_path / name, "train.max_steps=3", extra, kind="python", cache=cache)
+        assert metrics(tmp_path / name)[0]["step"] == 1
+        assert_close(losses(tmp_path / name), losses(ref), rel=1e-5)

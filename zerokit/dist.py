@@ -39,7 +39,7 @@ def set_cpu_threads(cpu_threads: int | str = "auto") -> None:
 
 
 def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto") -> DistInfo:
-    """Join the process group the launcher describes (a no-op for a single process)."""
+    """Join the process group the launcher describes (a 1-rank group for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,13 +49,19 @@ def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto") 
     else:
         device = torch.device("cpu")
         set_cpu_threads(cpu_threads)
-    if world > 1 and not dist.is_initialized():
+    if not dist.is_initialized():
         # A dead peer must become an error, not a hang: NCCL needs async error handling for that,
         # gloo notices a closed connection; both give up after `timeout_s` at the latest.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # One process gets a group too (DeepSpeed and FSDP's device mesh require one); an in-memory
+        # store needs no MASTER_ADDR/port, so `python recipe.py` runs side by side without clashes.
+        single = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world == 1 else {}
+        if world == 1:  # what a launcher would set; DeepSpeed reads them
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **single)
     return DistInfo(rank, world, local_rank, device)
 
 

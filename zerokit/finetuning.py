@@ -217,7 +217,8 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     task = make_task(tokenizer, encoder_decoder)
     check_context(path, task.max_length)
     t = cfg.train
-    loader = task.train_batches(t.micro_batch_size, t.grad_accum, info.rank, info.world_size, t.seed)
+    loader = task.train_batches(t.micro_batch_size, t.grad_accum, info.rank, info.world_size, t.seed,
+                                 group_by_length=cfg.data.group_by_length)
     resolve_schedule(cfg, loader.n, info.world_size)
     model = build_model(cfg, path, kind, tokenizer, num_labels)
     backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from zerokit.backends import resolve_precision
-from zerokit.dist import DistInfo
+from zerokit.dist import DistInfo, barrier
 from zerokit.errors import UsageError
 from zerokit.optim import build_adamw, set_lr
 
@@ -88,6 +88,8 @@ class DeepSpeedBackend:
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     model_parameters=params, dist_init_required=False)
+        if train.get("compile"):
+            self.engine.compile()
         self.model = self.engine
         self.module = self.engine.module
         # The optimizer that holds the hyper-parameters (DeepSpeed wraps it for ZeRO).
@@ -119,7 +121,91 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
 
     def load(self, path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        """Same data-parallel size (or ZeRO-0, whose optimizer state is not partitioned): DeepSpeed's own
+        checkpoint. Another size under ZeRO 1-3: its universal checkpoint, converted once on rank 0."""
+        path = Path(path)
+        if not (path / "deepspeed").is_dir():
+            raise UsageError(f"no DeepSpeed checkpoint in {path}/deepspeed; resume from a checkpoint this backend wrote")
+        written_by = checkpoint_world_size(path)
+        if self.stage == 0 or written_by in (None, self.info.world_size):
+            load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        else:
+            if self.info.is_main:
+                to_universal(path)
+            barrier()
+            with loading_universal(self.engine):
+                load_path, _ = self.engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=False)
+            if self.stage == 3:
+                repair_zero3_universal_load(self.engine.optimizer.optimizer, path / UNIVERSAL_TAG)
         if load_path is None:
             raise UsageError(f"no DeepSpeed checkpoint in {path}/deepspeed; resume from a checkpoint this backend wrote")
+
+
+# ---- resuming at another data-parallel size (universal checkpoints) -----------------------
+UNIVERSAL_TAG = "deepspeed_universal"
+
+
+def checkpoint_world_size(ckpt: Path) -> int | None:
+    """The world size of the run that wrote the checkpoint (trainer_state.json), if recorded."""
+    state = Path(ckpt) / "trainer_state.json"
+    return json.loads(state.read_text()).get("world_size") if state.is_file() else None
+
+
+def to_universal(ckpt: Path) -> Path:
+    """DeepSpeed's ds_to_universal: <ckpt>/deepspeed -> <ckpt>/deepspeed_universal, once. Written to a
+    private temp folder and renamed, so a crash or a concurrent converter never leaves half a folder."""
+    import argparse
+    import io
+    import shutil
+    from deepspeed.checkpoint import ds_to_universal
+    final = Path(ckpt) / UNIVERSAL_TAG
+    if final.is_dir():
+        return final
+    tmp = Path(ckpt) / f"{UNIVERSAL_TAG}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # inject_missing_state: only Megatron-style clients record universal_checkpoint_info themselves.
+    # One worker each: no process pool inside a training rank.
+    args = argparse.Namespace(input_folder=str(Path(ckpt) / "deepspeed"), output_folder=str(tmp),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, one per parameter
+        ds_to_universal.main(args)
+    (Path(ckpt) / "latest_universal").unlink(missing_ok=True)  # it names the temp folder; we pass the tag
+    try:
+        tmp.rename(final)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def repair_zero3_universal_load(optimizer: torch.optim.Optimizer, universal_dir: Path) -> None:
+    """Two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.load_hp_checkpoint_state_from_
+    checkpoint_dir_stage3), each of which changes the losses after resume:
+    - it copies the hyper-parameters of param group 0 onto every group, so the no-decay group (biases,
+      norms) would be decayed: each group gets its own saved values back;
+    - it gives every sub-group the *same* `step` tensor, which foreach AdamW increments in place once
+      per sub-group, so bias correction runs ahead: each state gets its own copy."""
+    saved = torch.load(Path(universal_dir) / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise RuntimeError(f"{universal_dir}: {len(saved)} optimizer param groups saved, {len(optimizer.param_groups)} now")
+    for group, saved_group in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def loading_universal(engine):
+    """The engine reads `load_universal_checkpoint` only inside load_checkpoint (nothing at initialize
+    depends on it), so it is switched on for this one load and restored after."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before

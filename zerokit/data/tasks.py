@@ -8,6 +8,10 @@ A task gives the training loop three things (the loop knows nothing about the da
   order is the concatenation of seeded per-epoch permutations; step s uses global samples
   [s*G, (s+1)*G) with G = mb*accum*world, and rank r's micro-batch k is the samples
   s*G + (k*world + r)*mb ... +mb. `state_dict()` = {"samples_seen": n} makes resume exact.
+  With `group_by_length` each epoch's permutation is cut into chunks of 50 global batches, each
+  chunk sorted by text length and its global batches shuffled again (Hugging Face Trainer's
+  group_by_length, but per global batch): a step's micro-batches hold texts of similar length on
+  every rank, so little compute goes to padding and no rank waits for one with longer texts.
 * `loss(model, batch)` -> (sum of per-target losses, number of targets). Returning sums lets the
   loop divide by the target count of the whole accumulation window across ranks, which is
   exact however the padding falls.
@@ -179,8 +183,10 @@ def _attention_mask(seqs: Sequence[Sequence[int]], side: str) -> torch.Tensor:
 class TaskBatches:
     """Deterministic, resumable train iterator over `n_samples` examples (see module docstring)."""
 
+    GROUP_BATCHES = 50  # global batches per length-sorted chunk (HF's megabatch_mult)
+
     def __init__(self, n_samples: int, collate: Callable[[list[int]], dict], micro_batch_size: int,
-                 grad_accum: int, rank: int, world_size: int, seed: int):
+                 grad_accum: int, rank: int, world_size: int, seed: int, lengths: Sequence[int] | None = None):
         if n_samples < 1:
             raise UsageError("the training split is empty; give a file with at least one record")
         if micro_batch_size < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -190,6 +196,9 @@ class TaskBatches:
         self.mb, self.accum, self.rank, self.world, self.seed = micro_batch_size, grad_accum, rank, world_size, seed
         self.samples_seen = 0
         self._perms: dict[int, np.ndarray] = {}
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        if self.lengths is not None and len(self.lengths) != n_samples:
+            raise ValueError(f"{len(self.lengths)} lengths for {n_samples} samples")
 
     @property
     def global_batch(self) -> int:
@@ -203,8 +212,23 @@ class TaskBatches:
         if epoch not in self._perms:
             # A window straddles at most two epochs: keep only the newest two permutations.
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(self.n)
+            if self.lengths is not None:
+                perm = self._group_by_length(perm, rng)
+            self._perms[epoch] = perm
         return self._perms[epoch]
+
+    def _group_by_length(self, perm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        g = self.global_batch
+        chunk = g * self.GROUP_BATCHES
+        out = []
+        for c in range(0, self.n, chunk):
+            part = perm[c:c + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches = [part[i:i + g] for i in range(0, len(part), g)]
+            out += [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate(out)
 
     def global_indices(self, start: int, count: int) -> list[int]:
         """Dataset indices of global stream positions [start, start+count)."""
@@ -310,10 +334,12 @@ class SentimentTask:
         return {"input_ids": pad(ids, self.tokenizer.pad_token_id), "attention_mask": _attention_mask(ids, "right"),
                 "labels": torch.tensor(labels, dtype=torch.long)}
 
-    def train_batches(self, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int) -> TaskBatches:
+    def train_batches(self, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
+                      group_by_length: bool = False) -> TaskBatches:
         def collate(idx):
             return self.collate([self.train_texts[i] for i in idx], [self.train_labels[i] for i in idx])
-        return TaskBatches(len(self.train_texts), collate, micro_batch_size, grad_accum, rank, world_size, seed)
+        return TaskBatches(len(self.train_texts), collate, micro_batch_size, grad_accum, rank, world_size, seed,
+                           lengths=[len(t) for t in self.train_texts] if group_by_length else None)
 
     def _logits(self, model, batch) -> torch.Tensor:
         dev = _model_device(model)
@@ -455,9 +481,11 @@ class SummarizationTask:
         out[key] = pad([e[key] for e in ex], self.pad_id, value=IGNORE_INDEX)
         return out
 
-    def train_batches(self, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int) -> TaskBatches:
+    def train_batches(self, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
+                      group_by_length: bool = False) -> TaskBatches:
         return TaskBatches(len(self.train_recs), lambda idx: self.collate([self.train_recs[i] for i in idx]),
-                           micro_batch_size, grad_accum, rank, world_size, seed)
+                           micro_batch_size, grad_accum, rank, world_size, seed,
+                           lengths=[len(d) + len(s) for d, s in self.train_recs] if group_by_length else None)
 
     # -- loss
     def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
