@@ -56,9 +56,6 @@ def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto") 
         # One process gets a group too (DeepSpeed and FSDP's device mesh require one); an in-memory
         # store needs no MASTER_ADDR/port, so `python recipe.py` runs side by side without clashes.
         single = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world == 1 else {}
-        if world == 1:  # what a launcher would set; DeepSpeed reads them
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(key, value)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None, **single)

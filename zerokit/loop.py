@@ -73,8 +73,6 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json)."""
     t = cfg.train
     run_dir = Path(cfg.run_dir)
-    logger = MetricsLogger(run_dir, cfg.report_to, cfg.to_dict(), enabled=info.is_main, run_name=run_dir.name,
-                           prometheus_port=cfg.get("prometheus_port", 0))
     step, tokens_seen, train_seconds = 0, 0, 0.0
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from:
@@ -82,6 +80,8 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
         loader.load_state_dict(state["loader"])
         log.info("resumed from %s at step %d", resume_from, step)
+    logger = MetricsLogger(run_dir, cfg.report_to, cfg.to_dict(), enabled=info.is_main, run_name=run_dir.name,
+                           prometheus_port=cfg.get("prometheus_port", 0), start_step=step)
     stop = StopRequest()
     flops_per_tok = model_flops_per_token(backend.module, seq_len)
     peak = peak_flops(info.device, t.get("peak_tflops"))

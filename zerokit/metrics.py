@@ -79,13 +79,19 @@ class MetricsLogger:
     """metrics.jsonl always; TensorBoard and W&B when named in `report_to` (rank 0 only)."""
 
     def __init__(self, run_dir: Path, report_to: str, config: dict, enabled: bool, run_name: str = "zerokit",
-                 prometheus_port: int = 0):
+                 prometheus_port: int = 0, start_step: int = 0):
         self.enabled = enabled
         self.tb = self.wandb = self.gauges = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        # A new run starts the file afresh; a resumed one keeps the lines up to its checkpoint (those
+        # after it, from the interrupted run, are about to be logged again).
+        path = run_dir / "metrics.jsonl"
+        kept = [ln for ln in path.read_text().splitlines(keepends=True)
+                if start_step and json.loads(ln).get("step", 0) <= start_step] if path.is_file() else []
+        self.file = open(path, "w")
+        self.file.writelines(kept)
         targets = {t.strip() for t in (report_to or "").split(",") if t.strip() and t.strip() != "none"}
         unknown = targets - {"tensorboard", "wandb"}
         if unknown:

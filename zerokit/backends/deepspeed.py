@@ -77,6 +77,7 @@ class DeepSpeedBackend:
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds_path: str):
         import deepspeed
         self.info = info
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed insists; no launcher sets it for `python`
         self.precision = resolve_precision(train.precision, info.device)
         hidden = getattr(model.config, "hidden_size", None) if hasattr(model, "config") else None
         self.ds_config = resolve_ds_config(load_ds_json(ds_path), train, info.world_size, hidden, self.precision)
