@@ -13,6 +13,8 @@ def test_overrides_are_typed_and_nested():
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 7 and cfg.model.grad_ckpt is True and cfg.ds_config == "x.json"
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+    # text YAML would drop as a comment stays text; the spellings of null stay null
+    assert parse_overrides(["p=#Person1#:", "q=null", "r=", "s=~"]) == {"p": "#Person1#:", "q": None, "r": None, "s": None}
 
 
 def test_int_default_accepts_only_ints():

@@ -112,6 +112,8 @@ def parse_overrides(args: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if value is None and raw.strip() not in ("", "null", "Null", "NULL", "~"):
+            value = raw  # e.g. sample.prompt=#Person1#: -- YAML would read it as a comment
         node = nested
         *parents, leaf = key.strip().split(".")
         for p in parents:
