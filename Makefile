@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (each sets up .venv first; quick when already done):
 #   make demo   train the GPT demo on tiny-shakespeare (the main job)
 #   make test   the default test suite (<= 15 min on 2 cores)
-# CI (.ci/run) runs `make test`, then the SLURM and notebook suites: `make test-slurm test-notebooks`.
+# CI (.ci/run) runs `make test`, then `make test-slurm test-notebooks test-slow`.
 PY := .venv/bin/python
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export HF_HUB_OFFLINE ?= 1
