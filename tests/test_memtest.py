@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from launch_util import REPO, env
 
 
+@pytest.mark.slow  # ~1 min; .ci/run runs the slow cases too
 def test_memtest_matches_formula(tmp_path):
     out = tmp_path / "memtest.json"
     proc = subprocess.run([sys.executable, "-m", "zerokit.cli", "memtest", "--preset", "gpt-tiny", "--ranks", "2",
