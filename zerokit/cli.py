@@ -13,6 +13,7 @@ COMMANDS = {
     "estimate": ("zerokit.memory", "estimate_main", "per-rank memory of a configuration, itemised"),
     "plan": ("zerokit.planner", "plan_main", "configurations that fit, ranked by predicted step time"),
     "bench": ("zerokit.bench", "bench_main", "sweep short real runs; CSV, plots, report.md"),
+    "verify": ("zerokit.verify", "verify_main", "real steps on local ranks: peak memory and step time vs the estimate"),
     "memtest": ("zerokit.memtest", "memtest_main", "measure model-state bytes per rank vs the ZeRO formula"),
     "slurm": ("zerokit.launch", "slurm_main", "write (and submit) a SLURM batch script for a recipe"),
 }

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import gc
 import json
+import math
 import sys
 import warnings
 import weakref
@@ -287,7 +288,10 @@ def _quiet_transformers():
         hf_logging.set_verbosity(verbosity)
 
 
-def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: str, lora_r: int, grad_ckpt: str):
+def training_model(config, n_layers: int | None = None, precision: str = "fp32", attn: str = "sdpa",
+                   peft: str = "none", lora_r: int = 16, grad_ckpt: str = "none"):
+    """The causal LM the estimate models, built on the current default device (random weights):
+    zerokit's own LoRA set-up (targets, r, dropout) and checkpointing, so we model what trains."""
     from transformers import AutoModelForCausalLM
 
     cfg = copy.deepcopy(config)
@@ -295,17 +299,20 @@ def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: s
         cfg.num_hidden_layers = n_layers
     cfg.use_cache = False
     with _quiet_transformers():
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
-            model.to(DTYPES[precision])
-            model.train()
-            if peft != "none":
-                # the project's own LoRA set-up (targets, r, dropout), so we model what trains;
-                # on meta a QLoRA base is modelled as LoRA (same saved tensors, weights counted as NF4)
-                from zerokit.peft_setup import apply_peft
-                model = apply_peft(model, "lora", r=lora_r)
-            apply_grad_ckpt(model.get_base_model() if peft != "none" else model, grad_ckpt)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+        model.to(DTYPES[precision])
+        model.train()
+        if peft != "none":
+            # on meta a QLoRA base is modelled as LoRA (same saved tensors, weights counted as NF4)
+            from zerokit.peft_setup import apply_peft
+            model = apply_peft(model, "lora", r=lora_r)
+        apply_grad_ckpt(model.get_base_model() if peft != "none" else model, grad_ckpt)
     return model
+
+
+def _meta_model(config, n_layers: int | None, precision: str, attn: str, peft: str, lora_r: int, grad_ckpt: str):
+    with torch.device("meta"):
+        return training_model(config, n_layers, precision, attn, peft, lora_r, grad_ckpt)
 
 
 def _blocks(model):
@@ -519,10 +526,13 @@ class ModelStats:
     persistent: int          # params below ZeRO-3's persistence threshold (kept whole on every rank)
     largest_trainable: int   # largest single trainable tensor
     matmul_params: int       # params that multiply activations: all but the input embedding (unless tied to the head)
+    groups: tuple = ()       # trainable tensor sizes per optimizer group, in the order ZeRO 1/2 flattens them
 
 
 @functools.lru_cache(maxsize=64)
 def _model_stats(cfg_json, cfg_cls, peft, lora_r) -> ModelStats:
+    from zerokit.optim import param_groups
+
     config = cfg_cls.from_dict(json.loads(cfg_json))
     model = _meta_model(config, None, "fp32", "sdpa", peft, lora_r, "none")
     params = {id(p): p for p in model.parameters()}.values()
@@ -543,7 +553,25 @@ def _model_stats(cfg_json, cfg_cls, peft, lora_r) -> ModelStats:
         persistent=sum(p.numel() for p in params if p.numel() < ZERO3_PERSISTENCE),
         largest_trainable=max(p.numel() for p in trainable),
         matmul_params=sum(p.numel() for p in params) - (0 if head is emb else emb.numel()),
+        # the groups zerokit's optimizer gets (weight decay on matrices only), which DeepSpeed flattens
+        groups=tuple(tuple(p.numel() for p in g["params"]) for g in param_groups(model, 0.1)),
     )
+
+
+def partition_overlap(groups, world_size: int, rank: int) -> int:
+    """Ψ_r: elements of every tensor that overlaps `rank`'s partition of ZeRO 1/2's flat groups
+    (each param group flattened in order, padded to a multiple of 2N, cut in N). ZeRO-2 keeps the
+    whole gradient of each such tensor, so a rank holds Ψ_r gradient elements, not Ψ/N."""
+    total = 0
+    for sizes in groups:
+        padded = math.ceil(sum(sizes) / (2 * world_size)) * 2 * world_size
+        lo, hi = rank * padded // world_size, (rank + 1) * padded // world_size
+        start = 0
+        for numel in sizes:
+            if start < hi and start + numel > lo:
+                total += numel
+            start += numel
+    return total
 
 
 def model_stats(config, peft: str = "none", lora_r: int = 16) -> ModelStats:
@@ -601,31 +629,41 @@ class Estimate:
 
 
 def model_states(st: ModelStats, *, world_size: int, stage: int, offload: str, precision: str, peft: str) -> dict:
-    """Per-rank bytes of weights, gradients, Adam state and fp32 master (the ZeRO paper's 2+2+12 per param).
+    """Per-rank bytes of weights, gradients, Adam state and fp32 master: the ZeRO paper's 2+2+12 per
+    param, with DeepSpeed's layout as `zerokit memtest` and `zerokit verify` measure it.
 
-    Partitioning: optimizer state + master from stage 1, gradients from stage 2, weights in
-    stage 3 (except params under the persistence threshold, kept whole on every rank).
+    Partitioning: optimizer state + master from stage 1, gradients from stage 2 (whole tensors at
+    partition edges), weights in stage 3 (params under the persistence threshold also kept whole).
     Offload moves optimizer state + master (and with "params" the weight partition) to the CPU.
     """
     N, w = world_size, BYTES[precision]
     nf4 = NF4_BYTES if peft == "qlora" else w
     weight_bytes = (st.params - st.quantizable) * w + st.quantizable * nf4
     if stage == 3:
-        sharded = (weight_bytes - st.persistent * w) / N
-        weights = st.persistent * w + (0 if offload == "params" else sharded)
+        # every param is partitioned; those under the persistence threshold are also kept whole
+        # on every rank (measured by memtest), so they count twice
+        weights = st.persistent * w + (0 if offload == "params" else weight_bytes / N)
     else:
         weights = weight_bytes
     opt_shard = N if stage >= 1 else 1
     on_gpu = offload == "none"
     grads_full = st.trainable * w
+    if stage == 2:  # ZeRO-2 keeps whole gradients of the tensors that straddle its partition: the busiest rank
+        partition_grads = w * (max(partition_overlap(st.groups, N, r) for r in range(N)) if st.groups
+                               else st.trainable / N)
+    else:
+        partition_grads = grads_full / N
     return {
         "weights": weights,
         "weight_bytes": weight_bytes,   # all ranks' weights together, unsharded
         "grads_full": grads_full,
         # gradients kept through the step: full for stage 0/1, the partition for 2/3, none on GPU when offloaded
-        "gradients": grads_full if stage < 2 else (grads_full / N if on_gpu else 0),
+        "gradients": grads_full if stage < 2 else (partition_grads if on_gpu else 0),
         "optimizer_state": st.trainable * ADAM_STATE_BYTES / opt_shard if on_gpu else 0,
-        "master_weights": st.trainable * MASTER_BYTES / opt_shard if on_gpu and precision != "fp32" else 0,
+        # ZeRO 1-3 keep an fp32 partition to update even when the model is fp32 (measured by memtest);
+        # stage 0 needs a master copy only for bf16/fp16 weights
+        "master_weights": (st.trainable * MASTER_BYTES / opt_shard
+                           if on_gpu and (stage >= 1 or precision != "fp32") else 0),
     }
 
 
@@ -637,13 +675,15 @@ def _check(name, value, allowed):
 def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "none", micro_batch: int = 1,
              seq: int = 1024, grad_ckpt: str = "none", precision: str = "bf16", peft: str = "none",
              attn: str = "sdpa", grad_accum: int = 1, gpus_per_node: int | None = None,
-             lora_r: int = 16, device: str = "cuda") -> Estimate:
+             lora_r: int = 16, device: str = "cuda", zero: dict | None = None) -> Estimate:
     """Per-rank memory of one DeepSpeed ZeRO training step (AdamW) on `world_size` data-parallel ranks.
 
     stage 0 is plain data parallel (what a single-process PyTorch loop does on one rank);
     offload "optimizer" puts fp32 master + Adam state on the CPU (stage >= 1), "params"
     also the weights (stage 3). device="cpu" models torch's CPU kernels and adds no GPU
     overhead: that is what the tests compare with `measure_step_peak`.
+    `zero`: the run's zero_optimization section, for its bucket sizes (default: `zero_config`,
+    what `zerokit plan` writes).
     """
     config = resolve_config(config)
     _check("stage", stage, STAGES); _check("offload", offload, OFFLOADS); _check("grad_ckpt", grad_ckpt, CKPTS)
@@ -684,12 +724,13 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     per_layer = _saved_per_layer(*args)
 
     # ---- ZeRO buffers ----
+    zero = zero or zero_config(stage, offload, st)
     buckets = 0
     if stage >= 1:
-        buckets += 2 * ZERO_REDUCE_BUCKET * w  # double-buffered reduce bucket (overlap_comm)
+        buckets += 2 * zero.get("reduce_bucket_size", ZERO_REDUCE_BUCKET) * w  # double-buffered (overlap_comm)
     if stage in (1, 2):
-        buckets += ZERO_ALLGATHER_BUCKET * w
-    gathered = ZERO3_LIVE_BLOCKS * st.largest_block * w if stage == 3 else 0
+        buckets += zero.get("allgather_bucket_size", ZERO_ALLGATHER_BUCKET) * w
+    gathered = zero.get("stage3_max_live_parameters", ZERO3_LIVE_BLOCKS * st.largest_block) * w if stage == 3 else 0
 
     # ---- the optimizer step ----
     step_grads = ms["gradients"]
@@ -771,7 +812,7 @@ def describe(e: Estimate) -> dict:
         "gradients": f"{prec} grads of {e.trainable_params / 1e6:,.2f}M trainable params, "
                      + ("reduced to CPU" if s >= 2 and i["offload"] != "none" else shard(s >= 2)),
         "optimizer_state": "AdamW m+v fp32, " + ("on CPU" if i["offload"] != "none" else shard(s >= 1)),
-        "master_weights": "none (fp32 training)" if prec == "fp32" else
+        "master_weights": "none (fp32 weights, no ZeRO)" if prec == "fp32" and s == 0 else
                           "fp32 master, " + ("on CPU" if i["offload"] != "none" else shard(s >= 1)),
         "activations": f"saved for backward, {i['grad_ckpt']} checkpointing, {i['attn']}",
         "logits_loss": "logits, fp32 log-probs, and their backward temporaries",

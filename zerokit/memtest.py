@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import math
 import os
 import resource
 import signal
@@ -49,6 +48,7 @@ from pathlib import Path
 import torch
 
 from zerokit.errors import UsageError
+from zerokit.memory import partition_overlap
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
@@ -71,21 +71,6 @@ def formula(r: dict, textbook: bool = False) -> dict[str, float]:
         "master": 4 * p / n if stage >= 1 else 0,
         "moments": 8 * p / n if stage >= 1 else 8 * p,
     }
-
-
-def partition_overlap(groups: list[list[int]], world_size: int, rank: int) -> int:
-    """Ψ_r: elements of every tensor that overlaps `rank`'s partition of DeepSpeed's flat groups
-    (ZeRO 1/2: each param group flattened in order, padded to a multiple of 2N, cut in N)."""
-    total = 0
-    for sizes in groups:
-        padded = math.ceil(sum(sizes) / (2 * world_size)) * 2 * world_size
-        lo, hi = rank * padded // world_size, (rank + 1) * padded // world_size
-        start = 0
-        for numel in sizes:
-            if start < hi and start + numel > lo:
-                total += numel
-            start += numel
-    return total
 
 
 # ---- measuring (runs inside each rank) ---------------------------------------------------

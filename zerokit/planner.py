@@ -30,7 +30,10 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from zerokit import memory
+from zerokit import verify as real_steps
 from zerokit.errors import UsageError
 from zerokit.memory import BYTES, fmt_bytes, parse_bytes
 
@@ -186,12 +189,42 @@ def launch_command(model: str, c: Candidate, gpus: int, nodes: int, seq: int, pr
             f"{extra} train.precision={precision}")
 
 
-def verify(candidates, steps: int = 3):
-    """Hook for `--verify`: run `steps` real training steps of each candidate and compare the
-    measured peak with the estimate. Not built yet: it needs zerokit's training loop driven
-    in-process (or via the launch command) with a memory probe. Raises until then."""
-    raise UsageError("--verify is not available yet: it needs the training loop (in progress); "
-                     "run the printed launch command and compare its peak memory instead")
+def check_verifiable(nodes: int, peft: str) -> None:
+    if nodes > 1:
+        raise UsageError("--verify runs on this node only: plan with --nodes 1 to verify, then scale out")
+    if peft == "qlora":
+        raise UsageError("--verify measures full and LoRA runs only: use --peft lora (same activations, 16-bit base)")
+
+
+def verify_top(cands: list[Candidate], *, model: str, config, stats: memory.ModelStats, gpus: int, nodes: int,
+           seq: int, precision: str, peft: str, hw: Hardware) -> list[dict]:
+    """`--verify K`: real steps of the top K candidates on this node's ranks (`zerokit.verify`,
+    with the DeepSpeed zero section the plan writes), measured peak and step time beside the
+    prediction for what ran (a window of `verify.GRAD_ACCUM` micro-batches)."""
+    check_verifiable(nodes, peft)
+    run_precision = precision if torch.cuda.is_available() else "fp32"  # CPU ranks measure fp32
+    points = [dict(stage=c.stage, offload=c.offload, grad_ckpt=c.grad_ckpt, micro_batch=c.micro_batch, peft=peft)
+              for c in cands]
+    rows = real_steps.run_points(model, points, gpus, seq, run_precision, small_buckets=False, timed_steps=3)
+    for c, r in zip(cands, rows):
+        r["predicted_step_s"] = step_time(config, stats, world_size=gpus, nodes=1, stage=c.stage, offload=c.offload,
+                                          grad_ckpt=c.grad_ckpt, micro_batch=c.micro_batch,
+                                          grad_accum=real_steps.GRAD_ACCUM, seq=seq, precision=precision, peft=peft,
+                                          hw=hw)["total"]
+    return rows
+
+
+def format_verify(rows: list[dict], hw: Hardware) -> str:
+    lines = [f"  {'configuration':<52} {'peak est.':>11} {'measured':>11} {'diff':>7} {'step s pred.':>12} "
+             f"{'measured':>9}"]
+    for r in rows:
+        lines.append(f"  {real_steps.label(r['point']):<52} "
+                     f"{fmt_bytes(r['estimate_peak']):>11} {fmt_bytes(r['measured_peak']):>11} "
+                     f"{100 * r['peak_rel_err']:>+6.1f}% {r['predicted_step_s']:>12.4f} {r['step_s']:>9.4f}")
+    if rows and rows[0]["device"] == "cpu":
+        lines.append(f"  (no GPU here: ran on CPU ranks in fp32, so memory is compared with the CPU estimate of the "
+                     f"same configuration; predicted step times are for {hw.name} and do not apply to the CPU)")
+    return "\n".join(lines)
 
 
 def _label(c: Candidate) -> str:
@@ -223,10 +256,11 @@ def plan_main(argv: list[str] | None = None) -> int:
                    help="comma list from none,full,selective (the recipe's model.grad_ckpt is on/off)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default="plan.json", help="where to write the recommended DeepSpeed JSON")
-    p.add_argument("--verify", type=int, default=0, metavar="K", help="run a few real steps of the top K (not yet)")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="run real steps of the top K on this node's GPUs (CPU ranks without one): measured vs predicted")
     a = p.parse_args(argv)
     if a.verify:
-        verify([], steps=3)
+        check_verifiable(a.nodes, a.peft)  # fail before planning, not after
     config = memory.resolve_config(a.model)
     seq = memory.default_seq(config, a.seq)
     hw = HARDWARE[a.gpu] if a.mfu is None else replace(HARDWARE[a.gpu], mfu=a.mfu)
@@ -285,6 +319,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     Path(a.out).write_text(json.dumps(ds, indent=2) + "\n")
     print(f"wrote {a.out}")
     print("launch:\n  " + launch_command(a.model, best, a.gpus, a.nodes, seq, a.precision, config, a.out))
+    if a.verify:
+        print(f"\nverify: a window of {real_steps.GRAD_ACCUM} micro-batches of the top {min(a.verify, len(fits))} on {a.gpus} local rank(s):")
+        rows = verify_top(fits[: a.verify], model=a.model, config=config, stats=stats, gpus=a.gpus, nodes=a.nodes,
+                      seq=seq, precision=a.precision, peft=a.peft, hw=hw)
+        print(format_verify(rows, hw))
     return 0
 
 
