@@ -103,7 +103,11 @@ def test_bench_four_point_sweep_writes_csv_plots_and_report(tmp_path):
         assert f["peak_mem_mb"] == max(f["peak_mem_mb_rank0"], f["peak_mem_mb_rank1"])
         assert abs(f["final_loss"] - math.log(512)) < 1.0  # 4 steps from a random init: ~ln(vocab)
         # the estimate is for this point: fp32 weights of the model, Adam state sharded from stage 1
-        assert f["est_weights_mb"] == pytest.approx(int(r["params"]) * 4 / 2**20, rel=0.01)
+        full = int(r["params"]) * 4 / 2**20
+        if r["stage"] == "3":  # a half each, plus the small params every rank also keeps whole
+            assert full / 2 < f["est_weights_mb"] <= 1.5 * full + 0.01
+        else:
+            assert f["est_weights_mb"] == pytest.approx(full, rel=0.01)
         assert f["est_total_mb"] > f["est_weights_mb"] + f["est_activations_mb"]
         # the run really used that DeepSpeed JSON on 2 ranks
         run_dir = out / "runs" / r["name"]

@@ -97,8 +97,3 @@ def test_nothing_fits_says_what_would_help(tmp_path, capsys):
                             "--out", str(tmp_path / "p.json")])
     assert rc == 1 and "nothing fits" in capsys.readouterr().out
     assert not (tmp_path / "p.json").exists()
-
-
-def test_verify_is_a_hook_not_a_fake():
-    with pytest.raises(UsageError, match="not available yet"):
-        planner.plan_main(["--model", "gpt-tiny", "--gpu-mem", "80GB", "--verify", "2"])

@@ -55,7 +55,7 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # QLoRA base weight: 4 bits + double-
 # DeepSpeed knobs, in elements. planner writes exactly these into the DeepSpeed JSON,
 # so what we estimate is what runs.
 ZERO_REDUCE_BUCKET = int(5e7)       # reduce_bucket_size; double-buffered with overlap_comm
-ZERO_ALLGATHER_BUCKET = int(5e7)    # allgather_bucket_size (stage 1/2 param allgather after step)
+ZERO_ALLGATHER_BUCKET = int(5e7)    # allgather_bucket_size (stage 1/2 param allgather after step; no buffer)
 ZERO3_PERSISTENCE = int(1e5)        # stage3_param_persistence_threshold: smaller params stay whole
 ZERO3_LIVE_BLOCKS = 3               # stage3_max_live_parameters = this many blocks (compute + prefetch + backward)
 # GPU-only overhead, a rule of thumb (no GPU here to measure it): CUDA context, cuBLAS/NCCL
@@ -728,8 +728,8 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     buckets = 0
     if stage >= 1:
         buckets += 2 * zero.get("reduce_bucket_size", ZERO_REDUCE_BUCKET) * w  # double-buffered (overlap_comm)
-    if stage in (1, 2):
-        buckets += zero.get("allgather_bucket_size", ZERO_ALLGATHER_BUCKET) * w
+    # stage 1/2's parameter all-gather after the step writes into the flat weight groups in place:
+    # allgather_bucket_size allocates nothing (measured by `zerokit plan --verify`)
     gathered = zero.get("stage3_max_live_parameters", ZERO3_LIVE_BLOCKS * st.largest_block) * w if stage == 3 else 0
 
     # ---- the optimizer step ----
@@ -818,7 +818,7 @@ def describe(e: Estimate) -> dict:
         "logits_loss": "logits, fp32 log-probs, and their backward temporaries",
         "backward_temp": "recomputed block + gradient temporaries",
         "zero_buffers": {0: "optimizer-step temporaries", 3: "ZeRO-3 gathered params + reduce buckets"}.get(
-            s, "reduce/allgather buckets + optimizer-step temporaries"),
+            s, "reduce buckets + optimizer-step temporaries"),
         "overhead": "CUDA context + allocator slack (rule of thumb)" if i["device"] == "cuda" else "none counted on CPU",
     }
 
