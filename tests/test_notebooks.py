@@ -68,7 +68,8 @@ def test_04_zero_and_offload(tmp_path, data_dir, monkeypatch):
     assert s["names"] == ["z0_off-none", "z1_off-none", "z2_off-none", "z2_off-cpu", "z3_off-none", "z3_off-cpu"], s
     assert all(t > 0 for t in s["tokens_per_s"]), s
     e = dict(zip(s["names"], s["est_states"]))
-    assert e["z3_off-none"] < e["z2_off-none"] < e["z1_off-none"] < e["z0_off-none"], e
+    # gpt-demo's tensors are mostly under ZeRO-3's persistence threshold: kept whole besides the partition
+    assert e["z2_off-none"] < e["z1_off-none"] < e["z0_off-none"] and e["z3_off-none"] < e["z0_off-none"], e
 
 
 @pytest.mark.notebooks
