@@ -197,7 +197,7 @@ def check_verifiable(nodes: int, peft: str) -> None:
 
 
 def verify_top(cands: list[Candidate], *, model: str, config, stats: memory.ModelStats, gpus: int, nodes: int,
-           seq: int, precision: str, peft: str, hw: Hardware) -> list[dict]:
+               seq: int, precision: str, peft: str, hw: Hardware) -> list[dict]:
     """`--verify K`: real steps of the top K candidates on this node's ranks (`zerokit.verify`,
     with the DeepSpeed zero section the plan writes), measured peak and step time beside the
     prediction for what ran (a window of `verify.GRAD_ACCUM` micro-batches)."""
@@ -320,9 +320,10 @@ def plan_main(argv: list[str] | None = None) -> int:
     print(f"wrote {a.out}")
     print("launch:\n  " + launch_command(a.model, best, a.gpus, a.nodes, seq, a.precision, config, a.out))
     if a.verify:
-        print(f"\nverify: a window of {real_steps.GRAD_ACCUM} micro-batches of the top {min(a.verify, len(fits))} on {a.gpus} local rank(s):")
+        print(f"\nverify: a window of {real_steps.GRAD_ACCUM} micro-batches of the top {min(a.verify, len(fits))} "
+              f"on {a.gpus} local rank(s):")
         rows = verify_top(fits[: a.verify], model=a.model, config=config, stats=stats, gpus=a.gpus, nodes=a.nodes,
-                      seq=seq, precision=a.precision, peft=a.peft, hw=hw)
+                          seq=seq, precision=a.precision, peft=a.peft, hw=hw)
         print(format_verify(rows, hw))
     return 0
 
