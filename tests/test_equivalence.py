@@ -58,7 +58,9 @@ def test_every_engine_matches_single_process(runs, capsys):
     assert not bad, f"engines off the single-process reference: {bad}\n" + "\n".join(rows)
 
 
-@pytest.mark.parametrize("engine", ["zero3", "fsdp_full_shard", "zero2", "ddp"])
+# zero3 and FSDP (the resharding cases) in the default suite; zero2 and DDP with -m slow (.ci/run runs them)
+@pytest.mark.parametrize("engine", ["zero3", "fsdp_full_shard", pytest.param("zero2", marks=pytest.mark.slow),
+                                    pytest.param("ddp", marks=pytest.mark.slow)])
 def test_export_gives_the_engines_logits(engine, runs, tmp_path):
     """B3: `zerokit export` of a sharded checkpoint -> from_pretrained -> the training engine's logits (1e-6)."""
     import sys

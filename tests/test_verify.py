@@ -24,6 +24,7 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # 46 s (.ci/run runs the slow cases; bench/verify_cpu.sh runs 32 points)
 def test_estimate_matches_real_zero_steps_on_two_ranks(model_dir):
     rows = run_points(model_dir, POINTS, world_size=2, seq=SEQ, timed_steps=0)
     assert len(rows) == len(POINTS)
