@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# glibc keeps freed memory for reuse instead of unmapping it: ZeRO-2 re-allocates tens of MB per step,
+# and re-faulting those pages cost full fine-tuning ~20% (1.32 -> 1.03 s per step; docs/finetuning.md)
+export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
 BIN=.venv/bin
 # Steps per mode: what fits ~10 minutes of training on 2 cores (each step: 32 sentences, 2 ranks x 16,
 # grouped by length). Full fine-tuning steps cost ~2x a LoRA step under ZeRO-2 on CPU.
