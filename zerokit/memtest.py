@@ -241,19 +241,23 @@ def run_one(configs: list[Path], world_size: int, preset: str, seq: int, micro_b
                "--seq", str(seq), "--micro-batch", str(micro_batch), "--out", out, "--worker-timeout", str(timeout)]
         env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                    HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        # Own session: on a timeout the launcher *and* its ranks go, not just the launcher.
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=timeout + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"memtest workers failed for {', '.join(c.stem for c in configs)} on {world_size} "
-                               f"ranks (exit {proc.returncode}):\n{stderr[-4000:]}")
+        run_workers(cmd, env, timeout, f"memtest workers for {', '.join(c.stem for c in configs)} on {world_size} ranks")
         return [[json.loads(Path(out, f"{i}_rank{r}.json").read_text()) for r in range(world_size)]
                 for i in range(len(configs))]
+
+
+def run_workers(cmd: list[str], env: dict, timeout: float, what: str) -> None:
+    """Run a torchrun command line; raise with its stderr's tail if it fails or outlives `timeout`."""
+    # Own session: on a timeout the launcher *and* its ranks go, not just the launcher.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout + 60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
 
 
 def summarize(name: str, ranks: list[dict]) -> dict:

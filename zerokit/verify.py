@@ -25,8 +25,6 @@ import argparse
 import gc
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ import torch
 
 from zerokit import memory
 from zerokit.errors import UsageError
+from zerokit.memtest import run_workers
 
 MiB = 2**20
 GRAD_ACCUM = 2          # two micro-batches: the window holds gradients between them (stage 0/1 full, 2/3 partitions)
@@ -208,16 +207,7 @@ def run_points(model: str, points: list[dict], world_size: int, seq: int, precis
                    TOKENIZERS_PARALLELISM="false")
         if device == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
-        # Own session: on a timeout the launcher *and* its ranks go, not just the launcher.
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=timeout + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"verify ranks failed on {world_size} rank(s) (exit {proc.returncode}):\n{stderr[-4000:]}")
+        run_workers(cmd, env, timeout, f"verify ranks on {world_size} rank(s)")
         ranks = [[json.loads(Path(out, f"{i}_rank{r}.json").read_text()) for r in range(world_size)]
                  for i in range(len(points))]
     return [compare(config, p, rs, world_size, seq, precision, device, z) for p, rs, z in zip(points, ranks, zeros)]
