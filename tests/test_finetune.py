@@ -87,6 +87,24 @@ def test_grad_ckpt_with_lora_trains_lora(tiny):
     assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
+def test_model_dropout_sets_every_layer_but_lora(tiny):
+    """model.dropout sets every dropout layer of the base (a train-mode forward is deterministic at 0,
+    not at 0.5); lora.dropout keeps its own value."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny["bert"])
+    x = tok(["a charming and often affecting journey"], return_tensors="pt")
+    for value in (0.0, 0.5):
+        cfg = load_config(SENT_YAML, ["peft=lora", f"model.dropout={value}", "lora.dropout=0.3"])
+        model = build_model(cfg, str(tiny["bert"]), "seq_cls", tok)
+        ps = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+        assert {p for n, p in ps.items() if "lora_dropout" in n} == {0.3}
+        assert {p for n, p in ps.items() if "lora_dropout" not in n} == {value}
+        model.train()  # LoRA's B starts at zero, so only the base's dropout can make two passes differ
+        assert torch.equal(model(**x).logits, model(**x).logits) == (value == 0.0)
+    with pytest.raises(UsageError, match=r"model.dropout must be in \[0, 1\)"):
+        build_model(load_config(SENT_YAML, ["model.dropout=1.5"]), str(tiny["bert"]), "seq_cls", tok)
+
+
 def test_resume_continues_exactly(tiny):
     """4 steps in one go == 2 steps, checkpoint, then resume=<checkpoint> for steps 3-4 (LoRA, one process)."""
     root = tiny["root"]

@@ -72,6 +72,9 @@ def _tiny_models(root: Path, data_dir: Path) -> dict:
                                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
                                   ).save_pretrained(root / "bert")
     mtok.save_pretrained(root / "bert")
+    from zerokit.models import warm_start_seq2seq
+    torch.manual_seed(0)  # the new cross-attention weights
+    warm_start_seq2seq(str(root / "bert"), root / "bert2bert")
     # Data: 5 validation dialogues of different lengths; 16 training examples (4 steps x 4).
     lines = (data_dir / "dialogsum" / "train.jsonl").read_text().splitlines()
     (root / "ds_train.jsonl").write_text("\n".join(lines[:16]) + "\n")
@@ -79,7 +82,7 @@ def _tiny_models(root: Path, data_dir: Path) -> dict:
     sst = (data_dir / "sst2" / "train_full.tsv").read_text().splitlines()
     (root / "sst_train.tsv").write_text("\n".join(sst[:17]) + "\n")
     (root / "sst_dev.tsv").write_text("\n".join((data_dir / "sst2" / "dev.tsv").read_text().splitlines()[:10]) + "\n")
-    return {"llama": root / "llama", "bert": root / "bert"}
+    return {"llama": root / "llama", "bert": root / "bert", "bert2bert": root / "bert2bert"}
 
 
 def _in_process(recipe: str, overrides: list[str]) -> None:
@@ -143,6 +146,10 @@ def runs(tmp_path_factory, data_dir):
            for e in ("zero2", "zero3", "fsdp") for m in MODES]
     two += [[*summ, f"peft={m}", "train.micro_batch_size=2", f"run_dir={root / 'summ' / name}", *extra]
             for name, (m, extra) in EXTRA.items()]
+    # An encoder-decoder warm-started from the BERT (its encoder pooler is never used: DDP must allow that).
+    b2b = [*_summ(root, tiny["bert2bert"]), "data.max_length=64", "peft=none", "export.merge=false"]
+    _in_process("finetune_summarization", [*b2b, "train.micro_batch_size=4", f"run_dir={root / 'summ' / 'single_b2b'}"])
+    two.append([*b2b, "train.micro_batch_size=2", f"run_dir={root / 'summ' / 'ddp_b2b'}"])
     _many("finetune_summarization", two, root)
     _many("finetune_sentiment", [[*sent, f"peft={m}", "train.micro_batch_size=2", f"run_dir={root / 'sent' / f'{e}_{m}'}",
                                   ENGINES[e]] for e, m in SENT_2RANK], root)
@@ -194,6 +201,32 @@ def test_summarization_cell(runs, engine, mode):
     _check_run(runs / "summ" / f"{engine}_{mode}", runs / "summ" / f"single_{mode}", "summ", mode)
     preds = (runs / "summ" / f"{engine}_{mode}" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(p)["index"] for p in preds] == list(range(5))  # every rank's summaries, in order
+
+
+def test_warm_started_seq2seq_under_ddp(runs):
+    """`zerokit seq2seq`'s bert2bert: the encoder and the decoder's own layers are the BERT's weights, only
+    cross-attention is new; it trains under DDP (2 ranks) with the single-process losses, and evaluates."""
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
+    bert = AutoModel.from_pretrained(runs / "bert").state_dict()
+    b2b = AutoModelForSeq2SeqLM.from_pretrained(runs / "bert2bert")
+    assert type(b2b).__name__ == "EncoderDecoderModel"
+    new = set()
+    for name, p in b2b.named_parameters():
+        _, rest = name.split(".", 1)
+        rest = rest.removeprefix("bert.")  # the decoder is a BertLMHeadModel
+        if rest in bert:
+            assert torch.equal(p, bert[rest]), name
+        else:
+            new.add(name)
+    assert new and all("crossattention" in n or n.startswith("decoder.cls.") for n in new), sorted(new)[:8]
+    tok = AutoTokenizer.from_pretrained(runs / "bert2bert")
+    assert (b2b.config.decoder_start_token_id, b2b.config.eos_token_id) == (tok.cls_token_id, tok.sep_token_id)
+    assert tok.eos_token == "[SEP]"
+    got, ref = losses(runs / "summ" / "ddp_b2b"), losses(runs / "summ" / "single_b2b")
+    assert sorted(got) == list(range(1, STEPS + 1)) and got[STEPS] < got[1], got
+    assert max(abs(got[s] - ref[s]) / ref[s] for s in got) < 1e-4, (got, ref)
+    summary = json.loads((runs / "summ" / "ddp_b2b" / "summary.json").read_text())
+    assert summary["val_samples"] == 5 and "rougeL" in summary
 
 
 def test_lora_gradient_checkpointing_zero3(runs):

@@ -102,7 +102,20 @@ def build_model(cfg, path: str, kind: str, tokenizer, num_labels: int = 2):
     torch.manual_seed(cfg.train.seed)
     model = load_base_model(path, kind, quantize_4bit=cfg.peft == "qlora", num_labels=num_labels,
                             pad_token_id=tokenizer.pad_token_id)
+    dropout = cfg.model.get("dropout")
+    if dropout is not None:  # before LoRA: lora.dropout keeps its own value
+        set_dropout(model, _number("model.dropout", dropout))
     return apply_peft(model, cfg.peft, gradient_checkpointing=cfg.model.grad_ckpt, **lora_options(cfg))
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout layer of the model to `p` (hidden, attention and head dropout alike; for this run,
+    the saved config keeps the base's values)."""
+    if not 0 <= p < 1:
+        raise UsageError(f"model.dropout must be in [0, 1), got {p}")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
 
 
 def resolve_schedule(cfg, n_train: int, world_size: int) -> None:
@@ -221,7 +234,9 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
                                  group_by_length=cfg.data.group_by_length)
     resolve_schedule(cfg, loader.n, info.world_size)
     model = build_model(cfg, path, kind, tokenizer, num_labels)
-    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload)
+    # Pre-trained bases carry parts a task never uses (an encoder-decoder's encoder pooler), which DDP
+    # refuses unless told; HF Trainer's default too. The cost is one autograd-graph walk per step.
+    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True)
     run_dir = Path(cfg.run_dir)
 
     def write_extras(ckpt: Path) -> None:

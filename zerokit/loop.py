@@ -132,7 +132,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
                       "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),
                       "peak_mem_mb_per_rank": [round(r["peak_mem_mb"], 1) for r in ranks],
                       "tokens_seen": tokens_seen, **system_stats(info.device)}
-            if peak:
+            if peak and flops_per_tok:
                 record["mfu"] = flops_per_tok * tok_s / (peak * info.world_size)
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mem=f"{record['peak_mem_mb']:.0f}MB")
@@ -168,7 +168,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     summary = {**eval_metrics, "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
                "tokens_per_s": tokens_seen / train_seconds if train_seconds else None, "peak_mem_mb": peak_mb,
                "world_size": info.world_size, "backend": backend.name}
-    if peak and summary["tokens_per_s"]:
+    if peak and flops_per_tok and summary["tokens_per_s"]:
         summary["mfu"] = flops_per_tok * summary["tokens_per_s"] / (peak * info.world_size)
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

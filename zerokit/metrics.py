@@ -31,8 +31,11 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in params.values())
 
 
-def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
+    """None for encoder-decoders: their tokens split between two stacks, which one formula does not describe."""
     cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        return None
     n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     n_head = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd

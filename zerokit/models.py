@@ -6,6 +6,7 @@ A preset is only a shape; vocabulary size and context length come from the run
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -110,3 +111,49 @@ def block_classes(model: torch.nn.Module) -> set[str]:
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     # ds_numel: ZeRO-3 partitioned parameters report their full size there.
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def warm_start_seq2seq(encoder: str, out_dir: str | Path, decoder: str | None = None, tie: bool = False) -> Path:
+    """An encoder-decoder whose halves start from pretrained encoder checkpoints (BERT2BERT, Rothe et al.
+    2020): the decoder is the same architecture made causal, its cross-attention layers the only new
+    weights. The folder loads with AutoModelForSeq2SeqLM, so the summarization recipe trains it as any
+    seq2seq model. `tie` shares the encoder's weights with the decoder (half the parameters)."""
+    from transformers import AutoTokenizer, EncoderDecoderModel
+
+    from zerokit.finetuning import resolve_model_path
+    enc_path = resolve_model_path(encoder)
+    dec_path = resolve_model_path(decoder) if decoder else enc_path
+    tok = AutoTokenizer.from_pretrained(enc_path)
+    # BERT-style vocabularies have [CLS]/[SEP] rather than bos/eos: the decoder starts at [CLS] and
+    # stops at [SEP], as in pre-training's sentence boundaries.
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    end = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if start is None or end is None or tok.pad_token_id is None:
+        raise UsageError(f"the tokenizer of {encoder} lacks a start (bos/cls), end (eos/sep) or pad token; "
+                         "warm-starting needs all three")
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_path, dec_path, tie_encoder_decoder=tie)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tok.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    tok.bos_token, tok.eos_token = tok.convert_ids_to_tokens(start), tok.convert_ids_to_tokens(end)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out_dir.exists():  # written completely before the old folder goes
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def seq2seq_main(argv: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="zerokit seq2seq", description=warm_start_seq2seq.__doc__.split("\n")[0])
+    p.add_argument("encoder", help="a pretrained encoder folder, hub name, or alias (minilm)")
+    p.add_argument("out_dir", help="where to write the encoder-decoder model folder (+ tokenizer)")
+    p.add_argument("--decoder", help="the decoder's starting checkpoint (default: the encoder's)")
+    p.add_argument("--tie", action="store_true", help="share encoder and decoder weights")
+    args = p.parse_args(argv)
+    out = warm_start_seq2seq(args.encoder, args.out_dir, args.decoder, args.tie)
+    print(f"wrote {out}")
+    return 0

@@ -40,7 +40,8 @@ def deepspeed_config_path(ds_config: str | None) -> str | None:
 
 
 def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str | None = None,
-                 fsdp: str = "none", fsdp_offload: bool = False):
+                 fsdp: str = "none", fsdp_offload: bool = False, find_unused_parameters: bool = False):
+    """`find_unused_parameters`: DDP tolerates parameters the loss never reaches (ZeRO and FSDP always do)."""
     ds_path = deepspeed_config_path(ds_config)
     if ds_path and fsdp != "none":
         raise UsageError(f"both a DeepSpeed config ({ds_path}) and fsdp={fsdp} given; choose one sharding engine")
@@ -51,4 +52,4 @@ def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str |
         from zerokit.backends.fsdp import FSDPBackend
         return FSDPBackend(model, train, info, fsdp, fsdp_offload)
     from zerokit.backends.plain import PlainBackend
-    return PlainBackend(model, train, info)
+    return PlainBackend(model, train, info, find_unused_parameters)

@@ -19,12 +19,12 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class PlainBackend(DCPState):
     name = "plain"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, find_unused_parameters: bool = False):
         self.info = info
         self.precision = resolve_precision(train.precision, info.device)
         self.module = model.to(info.device)
-        self.model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-            if info.world_size > 1 else model
+        self.model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                         find_unused_parameters=find_unused_parameters) if info.world_size > 1 else model
         if train.get("compile"):
             self.model = torch.compile(self.model)
         self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
