@@ -115,8 +115,8 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 def warm_start_seq2seq(encoder: str, out_dir: str | Path, decoder: str | None = None, tie: bool = False) -> Path:
     """An encoder-decoder whose halves start from pretrained encoder checkpoints (BERT2BERT, Rothe et al.
-    2020): the decoder is the same architecture made causal, its cross-attention layers the only new
-    weights. The folder loads with AutoModelForSeq2SeqLM, so the summarization recipe trains it as any
+    2020): the decoder is the same architecture made causal, its cross-attention layers (and an LM head,
+    where the checkpoint has none) the only new weights. The folder loads with AutoModelForSeq2SeqLM, so the summarization recipe trains it as any
     seq2seq model. `tie` shares the encoder's weights with the decoder (half the parameters)."""
     from transformers import AutoTokenizer, EncoderDecoderModel
 
