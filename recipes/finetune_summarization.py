@@ -1,8 +1,8 @@
 """Fine-tune a language model to summarise dialogues (DialogSum): SFT with the loss on summary tokens only;
 evaluation generates summaries for the validation split and scores ROUGE-1/2/L.
 
-    python recipes/pretrain_gpt.py ...; zerokit export ...          # the offline base (docs/finetuning.md)
-    python recipes/finetune_summarization.py model.name_or_path=runs/dialogsum_gpt/model
+    zerokit warm-start minilm runs/dialogsum_minilm/base             # the offline base (docs/finetuning.md)
+    python recipes/finetune_summarization.py model.name_or_path=runs/dialogsum_minilm/base
     torchrun --nproc_per_node 2 recipes/finetune_summarization.py ds_config=ds_configs/zero3.json peft=lora
 
 Decoder-only models train on prompt_template(dialogue) + " " + summary + eos; encoder-decoder models

@@ -105,6 +105,38 @@ def test_model_dropout_sets_every_layer_but_lora(tiny):
         build_model(load_config(SENT_YAML, ["model.dropout=1.5"]), str(tiny["bert"]), "seq_cls", tok)
 
 
+def test_warm_started_causal_lm_trains_on_summary_tokens(tiny, data_dir):
+    """`zerokit warm-start --kind causal-lm`: the BERT made causal keeps every pretrained weight, a later
+    token cannot change earlier logits, and the summarization loss (logits only from the first summary
+    token) equals cross-entropy over full logits."""
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from zerokit.data.tasks import IGNORE_INDEX, SummarizationTask, load_records
+    from zerokit.models import warm_start
+    out = warm_start(str(tiny["bert"]), tiny["root"] / "bert_causal", kind="causal-lm")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "BertLMHeadModel" and model.config.is_decoder and tok.eos_token == "[SEP]"
+    bert = AutoModel.from_pretrained(tiny["bert"]).state_dict()
+    ours = {k.removeprefix("bert."): v for k, v in model.state_dict().items()}
+    assert all(torch.equal(ours[k], v) for k, v in bert.items() if not k.startswith("pooler")), "weights changed"
+    ids = torch.randint(1000, 2000, (1, 12))
+    changed = ids.clone()
+    changed[0, -1] += 1
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits[:, :-1], model(input_ids=changed).logits[:, :-1])
+    recs = load_records(data_dir / "dialogsum" / "dev.jsonl")[:3]
+    task = SummarizationTask(tok, recs, None, max_length=64, max_target_length=16, max_new_tokens=8)
+    batch = task.collate([(r["dialogue"], r["summary"]) for r in recs])
+    with torch.no_grad():
+        loss_sum, n = task.loss(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = F.cross_entropy(full.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n.item() == (batch["targets"] != IGNORE_INDEX).sum().item()
+    assert loss_sum.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
 def test_resume_continues_exactly(tiny):
     """4 steps in one go == 2 steps, checkpoint, then resume=<checkpoint> for steps 3-4 (LoRA, one process)."""
     root = tiny["root"]

@@ -72,9 +72,9 @@ def _tiny_models(root: Path, data_dir: Path) -> dict:
                                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
                                   ).save_pretrained(root / "bert")
     mtok.save_pretrained(root / "bert")
-    from zerokit.models import warm_start_seq2seq
+    from zerokit.models import warm_start
     torch.manual_seed(0)  # the new cross-attention weights
-    warm_start_seq2seq(str(root / "bert"), root / "bert2bert")
+    warm_start(str(root / "bert"), root / "bert2bert", kind="seq2seq")
     # Data: 5 validation dialogues of different lengths; 16 training examples (4 steps x 4).
     lines = (data_dir / "dialogsum" / "train.jsonl").read_text().splitlines()
     (root / "ds_train.jsonl").write_text("\n".join(lines[:16]) + "\n")
@@ -204,7 +204,7 @@ def test_summarization_cell(runs, engine, mode):
 
 
 def test_warm_started_seq2seq_under_ddp(runs):
-    """`zerokit seq2seq`'s bert2bert: the encoder and the decoder's own layers are the BERT's weights, only
+    """`zerokit warm-start --kind seq2seq`'s bert2bert: the encoder and the decoder's own layers are the BERT's weights, only
     cross-attention is new; it trains under DDP (2 ranks) with the single-process losses, and evaluates."""
     from transformers import AutoModel, AutoModelForSeq2SeqLM
     bert = AutoModel.from_pretrained(runs / "bert").state_dict()

@@ -9,7 +9,7 @@ from zerokit.errors import UsageError
 
 COMMANDS = {
     "export": ("zerokit.export", "export_main", "checkpoint -> Hugging Face model directory"),
-    "seq2seq": ("zerokit.models", "seq2seq_main", "warm-start an encoder-decoder from pretrained encoders (bert2bert)"),
+    "warm-start": ("zerokit.models", "warm_start_main", "a causal LM or encoder-decoder from a pretrained encoder (MiniLM)"),
     "generate": ("zerokit.generate", "generate_main", "sample text from a model directory (+ LoRA adapter)"),
     "estimate": ("zerokit.memory", "estimate_main", "per-rank memory of a configuration, itemised"),
     "plan": ("zerokit.planner", "plan_main", "configurations that fit, ranked by predicted step time"),

@@ -113,28 +113,40 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def warm_start_seq2seq(encoder: str, out_dir: str | Path, decoder: str | None = None, tie: bool = False) -> Path:
-    """An encoder-decoder whose halves start from pretrained encoder checkpoints (BERT2BERT, Rothe et al.
-    2020): the decoder is the same architecture made causal, its cross-attention layers (and an LM head,
-    where the checkpoint has none) the only new weights. The folder loads with AutoModelForSeq2SeqLM, so the summarization recipe trains it as any
-    seq2seq model. `tie` shares the encoder's weights with the decoder (half the parameters)."""
-    from transformers import AutoTokenizer, EncoderDecoderModel
+def warm_start(encoder: str, out_dir: str | Path, kind: str = "causal-lm", decoder: str | None = None,
+               tie: bool = False) -> Path:
+    """A generative model from a pretrained encoder checkpoint (BERT-style, e.g. MiniLM), saved with its
+    tokenizer as a model folder the recipes load:
+
+    causal-lm  the encoder made causal (BertLMHeadModel): the prompt and the text to generate share one
+               stack, so every attention weight is pretrained; only the LM head's transform is new when
+               the checkpoint has none.
+    seq2seq    BERT2BERT (Rothe et al. 2020): the encoder plus a causal copy of it (`decoder` to start
+               from another checkpoint) with new cross-attention; `tie` shares their weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EncoderDecoderModel
 
     from zerokit.finetuning import resolve_model_path
+    if kind not in ("causal-lm", "seq2seq"):
+        raise UsageError(f"unknown kind {kind!r}; choose causal-lm or seq2seq")
     enc_path = resolve_model_path(encoder)
-    dec_path = resolve_model_path(decoder) if decoder else enc_path
     tok = AutoTokenizer.from_pretrained(enc_path)
-    # BERT-style vocabularies have [CLS]/[SEP] rather than bos/eos: the decoder starts at [CLS] and
+    # BERT-style vocabularies have [CLS]/[SEP] rather than bos/eos: generation starts at [CLS] and
     # stops at [SEP], as in pre-training's sentence boundaries.
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
     end = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     if start is None or end is None or tok.pad_token_id is None:
         raise UsageError(f"the tokenizer of {encoder} lacks a start (bos/cls), end (eos/sep) or pad token; "
                          "warm-starting needs all three")
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_path, dec_path, tie_encoder_decoder=tie)
+    if kind == "seq2seq":
+        dec_path = resolve_model_path(decoder) if decoder else enc_path
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_path, dec_path, tie_encoder_decoder=tie)
+        model.config.vocab_size = model.config.decoder.vocab_size
+        model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = start
+    else:
+        model = AutoModelForCausalLM.from_pretrained(enc_path, is_decoder=True)
     for cfg in (model.config, model.generation_config):
-        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tok.pad_token_id
-    model.config.vocab_size = model.config.decoder.vocab_size
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tok.pad_token_id
     tok.bos_token, tok.eos_token = tok.convert_ids_to_tokens(start), tok.convert_ids_to_tokens(end)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -146,14 +158,16 @@ def warm_start_seq2seq(encoder: str, out_dir: str | Path, decoder: str | None = 
     return out_dir
 
 
-def seq2seq_main(argv: list[str]) -> int:
+def warm_start_main(argv: list[str]) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="zerokit seq2seq", description=warm_start_seq2seq.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="zerokit warm-start", description=warm_start.__doc__.split("\n\n")[0])
     p.add_argument("encoder", help="a pretrained encoder folder, hub name, or alias (minilm)")
-    p.add_argument("out_dir", help="where to write the encoder-decoder model folder (+ tokenizer)")
-    p.add_argument("--decoder", help="the decoder's starting checkpoint (default: the encoder's)")
-    p.add_argument("--tie", action="store_true", help="share encoder and decoder weights")
+    p.add_argument("out_dir", help="where to write the model folder (+ tokenizer)")
+    p.add_argument("--kind", default="causal-lm", choices=["causal-lm", "seq2seq"],
+                   help="causal-lm: the encoder made causal (default); seq2seq: bert2bert with new cross-attention")
+    p.add_argument("--decoder", help="seq2seq: the decoder's starting checkpoint (default: the encoder's)")
+    p.add_argument("--tie", action="store_true", help="seq2seq: share encoder and decoder weights")
     args = p.parse_args(argv)
-    out = warm_start_seq2seq(args.encoder, args.out_dir, args.decoder, args.tie)
+    out = warm_start(args.encoder, args.out_dir, args.kind, args.decoder, args.tie)
     print(f"wrote {out}")
     return 0
