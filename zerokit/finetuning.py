@@ -6,13 +6,17 @@ backend, and exports the trained weights.
                  tokenizer + task (data, metric) + base model (+ LoRA) -> make_backend -> loop.train
                  -> <run_dir>/adapter (LoRA, loadable by peft) and <run_dir>/model (full weights)
 
-Export is engine-agnostic: the trained weights are gathered parameter by parameter (ZeRO-3 and
-FSDP2 shards are all-gathered, every rank taking part), then rank 0 loads them into a fresh
-full-precision copy of the base (+ the same LoRA) and saves from there. A QLoRA adapter is thus
-merged into the full-precision base, not into its 4-bit copy (that would requantise the sum).
+Export is engine-agnostic: the trained weights are gathered parameter by parameter as the fp32
+masters (ZeRO-3 and FSDP2 shards all-gathered, DeepSpeed bf16/fp16 masters taken from its optimizer,
+every rank taking part), then rank 0 loads them into a full-precision model as `zerokit export` does
+(zerokit/export.py) and saves from there. A QLoRA adapter is thus merged into the full-precision
+base, not into its 4-bit copy (that would requantise the sum). Checkpoints carry the same recipe
+(<ckpt>/model: config, tokenizer, task kind, base path, LoRA layout), so `zerokit export` turns
+any of them into the same directories.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import math
@@ -142,69 +146,94 @@ def _number(key: str, value) -> float:
 
 # ----------------------------------------------------------------------------- export
 
-def gather_parameters(module: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the named parameters, whatever shards them: ZeRO-3 partitions (gathered
-    with DeepSpeed), FSDP2 DTensors (full_tensor), or plain tensors. Collective: all ranks call."""
+def gather_parameters(module: torch.nn.Module, names: set[str], optimizer=None) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the named parameters, whatever shards them, as the fp32 masters where the
+    engine keeps 16-bit module copies (DeepSpeed bf16/fp16): ZeRO 1-3 through DeepSpeed's
+    safe_get_full_fp32_param (gathers the partitioned masters), ZeRO-0 from the FP16 optimizer's
+    groups (`optimizer`, the engine's); frozen ZeRO-3 partitions gathered as they are, FSDP2 DTensors
+    by full_tensor (fp32: FSDP's mixed precision casts only for compute). Collective: all ranks call."""
     from torch.distributed.tensor import DTensor
+    zero0 = zero0_master_params(optimizer)
     out = {}
     for name, p in module.named_parameters():
         if name not in names:
             continue
-        if hasattr(p, "ds_id"):
+        if id(p) in zero0:
+            t = zero0[id(p)]
+        elif p.requires_grad and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")):
+            from deepspeed.utils import safe_get_full_fp32_param
+            t = safe_get_full_fp32_param(p)
+        elif hasattr(p, "ds_id"):
             import deepspeed
             with deepspeed.zero.GatheredParameters([p]):
-                out[name] = p.detach().to("cpu", copy=True)
+                t = p.detach().to("cpu", copy=True)
         elif isinstance(p, DTensor):
-            out[name] = p.full_tensor().detach().to("cpu", copy=True)
+            t = p.full_tensor()
         else:
-            out[name] = p.detach().to("cpu", copy=True)
+            t = p
+        out[name] = t.detach().to("cpu", copy=True)
     return out
 
 
-def trained_state(module: torch.nn.Module, peft: str) -> dict[str, torch.Tensor]:
-    """What training changed: the trainable parameters under LoRA/QLoRA (the frozen base is the
-    file we started from), every parameter under full fine-tuning."""
+def zero0_master_params(optimizer) -> dict[int, torch.Tensor]:
+    """id(16-bit param) -> its fp32 master, for DeepSpeed's ZeRO-0 bf16/fp16 optimizers (the
+    unfused one keeps a master per parameter, the fused one a flat tensor per group); else empty."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups) for lp, hp in zip(lps, hps)}
+    if isinstance(optimizer, FP16_Optimizer):
+        out = {}
+        for lps, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+            for lp, hp in zip(lps, flat[:sum(lp.numel() for lp in lps)].split([lp.numel() for lp in lps])):
+                out[id(lp)] = hp.view_as(lp)
+        return out
+    return {}
+
+
+def trained_state(backend, peft: str) -> dict[str, torch.Tensor]:
+    """What training changed, in fp32: the trainable parameters under LoRA/QLoRA (the frozen base is the
+    file we started from); every parameter and persistent buffer under full fine-tuning."""
+    module = backend.module
     names = {n for n, p in module.named_parameters() if p.requires_grad or peft == "none"}
-    return gather_parameters(module, names)
+    state = gather_parameters(module, names, getattr(getattr(backend, "engine", None), "optimizer", None))
+    if peft == "none":
+        persistent = module.state_dict().keys()
+        state.update({n: b.detach().to("cpu", copy=True) for n, b in module.named_buffers() if n in persistent})
+    return state
 
 
-def fresh_copy(cfg, path: str, kind: str, tokenizer, num_labels: int, state: dict):
-    """A full-precision base (+ the run's LoRA layout) holding `state`, for saving on one process."""
-    from zerokit.peft_setup import apply_peft, load_base_model
-    model = load_base_model(path, kind, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
-    if cfg.peft != "none":
-        model = apply_peft(model, "lora", **lora_options(cfg))
-    expected = {n for n, p in model.named_parameters() if p.requires_grad or cfg.peft == "none"}
-    _, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or expected != state.keys():
-        raise RuntimeError(f"trained weights do not fit a fresh copy of the base: unexpected {sorted(unexpected)[:5]}, "
-                           f"not trained {sorted(expected - state.keys())[:5]}, unknown {sorted(state.keys() - expected)[:5]}")
-    return model.eval()
+def run_model_config(path: str, kind: str, num_labels: int, pad_token_id: int | None):
+    """The config of the trained model as load_base_model builds it (labels, pad token), full precision."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, **({"num_labels": num_labels} if kind == "seq_cls" else {}))
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    return config
 
 
-def export_trained(cfg, backend, info, path: str, kind: str, tokenizer, num_labels: int) -> dict:
+def export_trained(cfg, backend, info, spec, config, lora_config, tokenizer) -> dict:
     """export.adapter -> <run_dir>/adapter (LoRA only); export.merge -> <run_dir>/model (full weights
-    from_pretrained loads: LoRA merged into the base, or the fully fine-tuned model). All ranks call."""
+    from_pretrained loads: LoRA merged into the full-precision base, or the fully fine-tuned model).
+    Both from the fp32 masters, assembled on rank 0 as `zerokit export` does. All ranks call."""
     from zerokit.dist import barrier
-    from zerokit.peft_setup import merge_and_save, save_adapter
+    from zerokit.export import atomic_dir, save_adapter_dir, save_model_dir, trained_model
     ex, run_dir = cfg.export, Path(cfg.run_dir)
     adapter = ex.adapter and cfg.peft != "none"
     if not (adapter or ex.merge):
         return {}
-    state = trained_state(backend.module, cfg.peft)
+    state = trained_state(backend, cfg.peft)
     written = {}
     if info.is_main:
-        model = fresh_copy(cfg, path, kind, tokenizer, num_labels, state)
+        model = trained_model(spec, config, lora_config, state)
         if adapter:
-            written["adapter"] = str(save_adapter(model, run_dir / "adapter", tokenizer))
+            with atomic_dir(run_dir / "adapter") as tmp:
+                save_adapter_dir(model, tmp, tokenizer)
+            written["adapter"] = str(run_dir / "adapter")
         if ex.merge:
-            out = run_dir / "model"
-            if cfg.peft == "none":
-                model.save_pretrained(out)
-                tokenizer.save_pretrained(out)
-            else:
-                merge_and_save(model, out, tokenizer)
-            written["model"] = str(out)
+            with atomic_dir(run_dir / "model") as tmp:
+                save_model_dir(model, tmp, tokenizer)
+            written["model"] = str(run_dir / "model")
         log.info("exported %s", ", ".join(f"{k} -> {v}" for k, v in written.items()))
     barrier()
     return written
@@ -218,6 +247,7 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     from zerokit.backends import make_backend
     from zerokit.config import save_config
     from zerokit.dist import init_distributed
+    from zerokit.export import ModelSpec, write_model_info
     from zerokit.loop import train
 
     check_peft(cfg)
@@ -239,9 +269,18 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True)
     run_dir = Path(cfg.run_dir)
 
+    # What `zerokit export` needs besides the weights: the model config, tokenizer, task kind, base, LoRA layout.
+    base = str(Path(path).resolve()) if Path(path).exists() else path  # export may run from another folder
+    spec = ModelSpec(kind=kind, peft=cfg.peft, base=base)
+    config = run_model_config(path, kind, num_labels, tokenizer.pad_token_id)
+    lora_config = None
+    if cfg.peft != "none":
+        lora_config = copy.deepcopy(model.peft_config[model.active_adapter])
+        lora_config.base_model_name_or_path = base
+
     def write_extras(ckpt: Path) -> None:
         save_config(cfg, ckpt / "config.yaml")
-        tokenizer.save_pretrained(ckpt / "model")
+        write_model_info(ckpt / "model", spec, config, tokenizer, lora_config)
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +289,7 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
                     write_extras=write_extras)
     if summary.get("preempted"):
         return summary
-    export_trained(cfg, backend, info, path, kind, tokenizer, num_labels)
+    export_trained(cfg, backend, info, spec, config, lora_config, tokenizer)
     if info.is_main and on_summary:
         on_summary(summary)
     return summary
