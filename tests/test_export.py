@@ -93,7 +93,10 @@ def _in_process(recipe: str, overrides: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    root = tmp_path_factory.mktemp("export")
+    return make_runs(tmp_path_factory.mktemp("export"), data_dir)
+
+
+def make_runs(root: Path, data_dir: Path) -> Path:
     cache = root / "cache"
     _tiny_models(root, data_dir)
     sent, summ = _sentiment(root), _summarization(root)
@@ -154,7 +157,9 @@ def test_pretraining_export_reproduces_val_bpb(runs, tmp_path):
     cfg = _config("pretrain_gpt", [*PRETRAIN, f"data.cache_dir={runs / 'cache'}", f"run_dir={run_dir}",
                                    *PRETRAIN_RUNS["fsdp"]])
     _, data_dir = prepare_data(cfg.data, runs / "cache")
-    task = PretrainTask(data_dir, cfg.data.block_size, cfg.train.micro_batch_size, cfg.data.eval_batches)
+    # The run's 2 ranks evaluated windows r, r + 2, ... (eval_batches each); one process with twice the
+    # micro-batch covers the same windows.
+    task = PretrainTask(data_dir, cfg.data.block_size, 2 * cfg.train.micro_batch_size, cfg.data.eval_batches)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         got = task.evaluate(model, 0, 1)["val_bpb"]

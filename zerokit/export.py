@@ -55,7 +55,6 @@ def write_model_info(model_dir: Path, spec: ModelSpec, config, tokenizer, lora_c
 
 def read_model_info(ckpt: Path, base: str | None = None):
     """(spec, config, LoRA config or None) of a checkpoint; `base` overrides the recorded base path."""
-    from transformers import AutoConfig
     model_dir = ckpt / "model"
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir}/config.json missing: the checkpoint lacks its model config (written by an "
@@ -73,6 +72,7 @@ def read_model_info(ckpt: Path, base: str | None = None):
         lora = LoraConfig.from_pretrained(str(model_dir / PEFT_DIR))
         if base:
             lora.base_model_name_or_path = base
+    from transformers import AutoConfig
     return spec, AutoConfig.from_pretrained(model_dir), lora
 
 
