@@ -1,12 +1,13 @@
 """Issue 14: every run ends in a usable model. `zerokit export` turns the checkpoints of every recipe
 into a from_pretrained directory (+ a peft adapter for LoRA), from the fp32 master weights.
 
-- bf16 DeepSpeed runs (ZeRO-0, ZeRO-3): the export equals the fp32 masters read from the live engine
-  at the end of the run, bit for bit, and differs from the bf16 module copy;
+- bf16 DeepSpeed runs (ZeRO-0, ZeRO-3, ZeRO-1 on the BF16_Optimizer): the export equals the fp32 masters
+  read from the live engine at the end of the run, bit for bit, and differs from the bf16 module copy;
 - a pre-training checkpoint's export evaluates to the run's val_bpb (1e-4);
 - fine-tuning checkpoints (sentiment full + LoRA, summarisation LoRA) give the training engine's
   logits, restored from the same checkpoint (1e-5), and the adapter loads with peft; the end-of-run
-  export (<run_dir>/model) equals the offline one, also under DeepSpeed bf16 (ZeRO-0 full, ZeRO-3 LoRA);
+  export (<run_dir>/model) equals the offline one, also under DeepSpeed bf16 (ZeRO-0 full and LoRA,
+  ZeRO-3 LoRA);
 - bad paths: one line, exit status 2.
 
 The 2-rank runs share one torchrun launch (this file is its worker, see the end); the
@@ -28,6 +29,8 @@ PRETRAIN = [*TINY, f"train.max_steps={STEPS}", "train.checkpoint_every=2", "trai
 PRETRAIN_RUNS = {  # 2 ranks each
     "zero0_bf16": ["ds_config=ds_configs/zero0.json", "train.precision=bf16"],
     "zero3_bf16": ["ds_config=ds_configs/zero3.json", "train.precision=bf16"],
+    # fp32 gradient accumulation puts ZeRO-1 bf16 on DeepSpeed's BF16_Optimizer, which zero_to_fp32 refuses
+    "zero1_bf16_fp32acc": ["ds_config={root}/zero1_fp32acc.json", "train.precision=bf16"],
     "fsdp": ["fsdp=full_shard"],
 }
 FT_COMMON = [f"train.max_steps={STEPS}", "train.log_every=1", "train.warmup_steps=1", "train.eval_every=0",
@@ -97,15 +100,19 @@ def runs(tmp_path_factory, data_dir):
 
 
 def make_runs(root: Path, data_dir: Path) -> Path:
+    """Every run the tests read, under `root`: one 2-rank launch, then three single-process runs here."""
     cache = root / "cache"
     _tiny_models(root, data_dir)
+    zero1 = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    (root / "zero1_fp32acc.json").write_text(json.dumps({**zero1, "data_types": {"grad_accum_dtype": "fp32"}}))
     sent, summ = _sentiment(root), _summarization(root)
-    two = [["pretrain_gpt", [*PRETRAIN, f"data.cache_dir={cache}", f"run_dir={root / name}", *extra]]
-           for name, extra in PRETRAIN_RUNS.items()]
-    two += [["finetune_sentiment", [*sent, "peft=none", "train.micro_batch_size=2", "train.precision=bf16",
-                                    "ds_config=ds_configs/zero0.json", f"run_dir={root / 'sent_zero0_bf16'}"]],
-            ["finetune_summarization", [*summ, "peft=lora", "train.micro_batch_size=2", "train.precision=bf16",
-                                        "ds_config=ds_configs/zero3.json", f"run_dir={root / 'summ_zero3_bf16_lora'}"]]]
+    bf16 = ["train.micro_batch_size=2", "train.precision=bf16"]
+    two = [["pretrain_gpt", [*PRETRAIN, f"data.cache_dir={cache}", f"run_dir={root / name}",
+                             *(e.format(root=root) for e in extra)]] for name, extra in PRETRAIN_RUNS.items()]
+    two += [["finetune_sentiment", [*sent, f"peft={peft}", *bf16, "ds_config=ds_configs/zero0.json", f"run_dir={root / name}"]]
+            for name, peft in (("sent_zero0_bf16", "none"), ("sent_zero0_bf16_lora", "lora"))]
+    two += [["finetune_summarization", [*summ, "peft=lora", *bf16, "ds_config=ds_configs/zero3.json",
+                                        f"run_dir={root / 'summ_zero3_bf16_lora'}"]]]
     spec = root / "runs.json"
     spec.write_text(json.dumps(two))
     run([*launcher(2), str(Path(__file__).resolve()), str(spec)], timeout=900,
@@ -133,9 +140,11 @@ def _weights(model_dir: Path) -> dict:
 
 # ----------------------------------------------------------------------------- fp32 masters, bit for bit
 
-@pytest.mark.parametrize("name", ["zero0_bf16", "zero3_bf16"])
+@pytest.mark.parametrize("name", ["zero0_bf16", "zero3_bf16", "zero1_bf16_fp32acc"])
 def test_bf16_deepspeed_export_is_the_fp32_masters(runs, name, tmp_path):
     engine = torch.load(runs / name / "engine_weights.pt")  # read from the live engine at the end of the run
+    if name == "zero1_bf16_fp32acc":
+        assert any((_ckpt(runs / name) / "deepspeed").glob("bf16_zero_pp_rank_1_*")), "not the BF16_Optimizer on 2 ranks"
     out = _weights(_export(_ckpt(runs / name), tmp_path / "hf"))
     assert engine["masters"].keys() <= out.keys()
     for k, master in engine["masters"].items():
@@ -222,7 +231,7 @@ def test_finetuning_export_gives_the_engines_logits(runs, name, tmp_path):
     assert (adapted - engine).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["sent_zero0_bf16", "summ_zero3_bf16_lora"])
+@pytest.mark.parametrize("name", ["sent_zero0_bf16", "sent_zero0_bf16_lora", "summ_zero3_bf16_lora"])
 def test_bf16_deepspeed_finetuning_exports_the_masters(runs, name, tmp_path):
     """The end-of-run export (live engine) and `zerokit export` (checkpoint files) agree bit for bit, and
     hold fp32 weights that round to the bf16 module copy without being it."""
@@ -239,7 +248,8 @@ def test_bf16_deepspeed_finetuning_exports_the_masters(runs, name, tmp_path):
         trained = offline
     states = torch.load(_ckpt(runs / name) / "deepspeed" / ("mp_rank_00_model_states.pt" if "zero0" in name else
                         "zero_pp_rank_0_mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    module16 = {k.replace("base_model.model.", "", 1).replace(".default", ""): v for k, v in (states["module"] or {}).items()}
+    module16 = {k.replace("base_model.model.", "", 1).replace(".modules_to_save.default", "").replace(".default", ""): v
+                for k, v in (states["module"] or {}).items()}  # named as peft names the adapter's weights
     compared = [k for k in trained if k in module16 and module16[k].numel() == trained[k].numel()]
     if "zero3" in name:  # no full module copy in the files; zero3_bf16 above ties zero_to_fp32 to the masters
         return

@@ -4,8 +4,9 @@ directory (config, safetensors weights, tokenizer, generation config), plus `<ou
 (peft) for LoRA/QLoRA runs.
 
 The weights are the fp32 master weights, whatever precision the run trained in: DeepSpeed ZeRO 1-3
-shards are merged by DeepSpeed's own zero_to_fp32; a ZeRO-0 bf16/fp16 checkpoint keeps its masters
-in the optimizer state (the module copy is 16-bit); DCP checkpoints (plain, FSDP) hold fp32 params.
+shards are merged by DeepSpeed's own zero_to_fp32 (its BF16_Optimizer's, which zero_to_fp32 refuses,
+here); a ZeRO-0 bf16/fp16 checkpoint keeps its masters in the optimizer state (the module copy is
+16-bit); DCP checkpoints (plain, FSDP) hold fp32 params.
 Runs in one process, no process group. The same assembly and saving serve the end-of-run export of
 the fine-tuning recipes (zerokit/finetuning.py), which reads the masters from the live engine.
 
@@ -94,6 +95,8 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def deepspeed_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     tag_dir = ckpt / "deepspeed"
+    if any(tag_dir.glob("bf16_zero_pp_rank_*optim_states.pt")):
+        return bf16_optimizer_weights(tag_dir)
     if any(tag_dir.glob("*optim_states.pt")):  # ZeRO 1-3: merge the partitioned fp32 master copy
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         spec_file = ckpt / "model" / SPEC_FILE
@@ -112,6 +115,26 @@ def deepspeed_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     opt = state.get("optimizer") or {}
     if "fp32_groups" in opt or "fp32_groups_flat" in opt:
         weights.update(zero0_masters(opt, state["module"], layout_model(*read_model_info(ckpt))))
+    return weights
+
+
+def bf16_optimizer_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation) records no
+    zero stage, which zero_to_fp32 refuses; it does save, per rank and group, where each parameter's
+    piece lies in its fp32 partition. A parameter's pieces, in rank order, are the whole master."""
+    import re
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    weights = {k: v.float() for k, v in state["module"].items()}  # buffers and frozen parameters
+    shapes = {n: shape for group in state["param_shapes"] for n, shape in group.items()}
+    files = sorted(tag_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(re.search(r"rank_(\d+)_mp", f.name).group(1)))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for f in files:
+        opt = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+    weights.update({n: torch.cat(p).view(shapes[n]).clone() for n, p in pieces.items()})
     return weights
 
 
