@@ -4,11 +4,11 @@ directory (config, safetensors weights, tokenizer, generation config), plus `<ou
 (peft) for LoRA/QLoRA runs.
 
 The weights are the fp32 master weights, whatever precision the run trained in: DeepSpeed ZeRO 1-3
-shards are merged by DeepSpeed's own zero_to_fp32 (its BF16_Optimizer's, which zero_to_fp32 refuses,
-here); a ZeRO-0 bf16/fp16 checkpoint keeps its masters in the optimizer state (the module copy is
-16-bit); DCP checkpoints (plain, FSDP) hold fp32 params.
-Runs in one process, no process group. The same assembly and saving serve the end-of-run export of
-the fine-tuning recipes (zerokit/finetuning.py), which reads the masters from the live engine.
+shards are merged by DeepSpeed's own zero_to_fp32 (those of its BF16_Optimizer, which zero_to_fp32
+refuses, here); a ZeRO-0 bf16/fp16 checkpoint keeps its masters in the optimizer state (the module
+copy is 16-bit); DCP checkpoints (plain, FSDP) hold fp32 params. Runs in one process, no process
+group. The same assembly and saving serve the end-of-run export of the fine-tuning recipes
+(zerokit/finetuning.py), which reads the masters from the live engine.
 
 What a checkpoint carries for export, in <ckpt>/model/: config.json (the full-precision model),
 the tokenizer, and for fine-tuning runs export.json (task kind, base model, peft mode) with the run's
@@ -95,7 +95,7 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def deepspeed_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     tag_dir = ckpt / "deepspeed"
-    if any(tag_dir.glob("bf16_zero_pp_rank_*optim_states.pt")):
+    if is_bf16_optimizer(tag_dir):
         return bf16_optimizer_weights(tag_dir)
     if any(tag_dir.glob("*optim_states.pt")):  # ZeRO 1-3: merge the partitioned fp32 master copy
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -116,6 +116,15 @@ def deepspeed_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     if "fp32_groups" in opt or "fp32_groups_flat" in opt:
         weights.update(zero0_masters(opt, state["module"], layout_model(*read_model_info(ckpt))))
     return weights
+
+
+def is_bf16_optimizer(tag_dir: Path) -> bool:
+    """DeepSpeed's BF16_Optimizer wrote the optimizer files (ZeRO 1-3 under bf16 share their name)."""
+    first = sorted(tag_dir.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    if not first:
+        return False
+    opt = torch.load(first[0], map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+    return "zero_stage" not in opt and "param_slice_mappings" in opt
 
 
 def bf16_optimizer_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -174,6 +183,19 @@ def _match_masters(groups: list, layout: list[list[str]], module_state: dict) ->
                 return None
             out[name] = master.reshape(lp.shape).float().clone()
     return out
+
+
+def layout_model(spec: ModelSpec, config, lora_config):
+    """The trained model's parameters (names, shapes, trainable) without its weights: meta tensors."""
+    from zerokit.peft_setup import _auto_class
+    with torch.device("meta"):
+        model = _auto_class(spec.kind).from_config(config)
+        if lora_config is not None:
+            from peft import get_peft_model
+            layout = copy.deepcopy(lora_config)
+            layout.base_model_name_or_path = None  # no base is loaded here (peft would warn of a rename)
+            model = get_peft_model(model, layout)
+    return model
 
 
 # ----------------------------------------------------------------------------- assembling and saving
@@ -273,17 +295,6 @@ def export(ckpt: str | Path, out_dir: str | Path, dtype: str = "float32", base: 
             save_adapter_dir(model, tmp / "adapter", tokenizer)
         save_model_dir(model, tmp, tokenizer, getattr(torch, dtype))
     return out_dir
-
-
-def layout_model(spec: ModelSpec, config, lora_config):
-    """The trained model's parameters (names, shapes, trainable) without its weights: meta tensors."""
-    from zerokit.peft_setup import _auto_class
-    with torch.device("meta"):
-        model = _auto_class(spec.kind).from_config(config)
-        if lora_config is not None:
-            from peft import get_peft_model
-            model = get_peft_model(model, copy.deepcopy(lora_config))
-    return model
 
 
 def export_main(argv: list[str]) -> int:
