@@ -8,7 +8,7 @@ into a from_pretrained directory (+ a peft adapter for LoRA), from the fp32 mast
   logits, restored from the same checkpoint (1e-5), and the adapter loads with peft; the end-of-run
   export (<run_dir>/model) equals the offline one, also under DeepSpeed bf16 (ZeRO-0 full and LoRA,
   ZeRO-3 LoRA);
-- bad paths: one line, exit status 2.
+- bad paths: one line, exit status 2; OUT appears whole or not at all.
 
 The 2-rank runs share one torchrun launch (this file is its worker, see the end); the
 single-process fine-tuning runs run in this process.
@@ -258,7 +258,34 @@ def test_bf16_deepspeed_finetuning_exports_the_masters(runs, name, tmp_path):
     assert max((trained[k] - module16[k].float()).abs().max().item() for k in compared) > 0
 
 
+def test_lora_export_takes_a_moved_base(runs, tmp_path, capsys):
+    import shutil
+    from zerokit.cli import main
+    ckpt = _ckpt(runs / "sent_lora")
+    assert main(["export", str(ckpt), str(tmp_path / "x"), "--base", str(tmp_path / "gone")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--base" in lines[0], lines
+    moved = shutil.copytree(runs / "bert", tmp_path / "moved")
+    out = _export(ckpt, tmp_path / "hf", "--base", str(moved))
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved)
+    assert all(torch.equal(v, _weights(runs / "sent_lora" / "model")[k]) for k, v in _weights(out).items())
+
+
 # ----------------------------------------------------------------------------- bad paths
+
+def test_out_is_never_half_written(tmp_path):
+    from zerokit.export import atomic_dir
+    out = tmp_path / "hf"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("killed mid-export")
+    assert not out.exists() and not (tmp_path / "hf.tmp").exists()
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+        assert not out.exists()
+    assert (out / "config.json").is_file() and not (tmp_path / "hf.tmp").exists()
+
 
 def test_bad_paths_are_one_line_usage_errors(tmp_path, capsys):
     from zerokit.cli import main
