@@ -178,6 +178,8 @@ def gather_parameters(module: torch.nn.Module, names: set[str], optimizer=None) 
 def zero0_master_params(optimizer) -> dict[int, torch.Tensor]:
     """id(16-bit param) -> its fp32 master, for DeepSpeed's ZeRO-0 bf16/fp16 optimizers (the
     unfused one keeps a master per parameter, the fused one a flat tensor per group); else empty."""
+    if optimizer is None:  # not DeepSpeed: nothing to import
+        return {}
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     if isinstance(optimizer, FP16_UnfusedOptimizer):
