@@ -13,7 +13,7 @@ from pathlib import Path
 from zerokit.backends import make_backend
 from zerokit.config import save_config
 from zerokit.data.packed import BlockLoader
-from zerokit.dist import barrier, init_distributed
+from zerokit.dist import init_distributed
 from zerokit.loop import train
 from zerokit.models import build_causal_lm
 from zerokit.pretraining import PretrainTask, prepare_data, sample_text
@@ -27,12 +27,8 @@ def main(cfg):
     run_dir = Path(cfg.run_dir)
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "zerokit"
 
-    # Data: rank 0 tokenizes (or finds the cache) first; the other ranks then hit the cache.
-    if not info.is_main:
-        barrier()
+    # Data: every rank; the first tokenizes and packs under a file lock, the others then hit the cache.
     tokenizer, data_dir = prepare_data(cfg.data, cache)
-    if info.is_main:
-        barrier()
 
     t = cfg.train
     model = build_causal_lm(cfg.model.preset, cfg.model.name_or_path, len(tokenizer), cfg.data.block_size,

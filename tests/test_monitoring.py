@@ -33,7 +33,8 @@ def wandb_history(path):
 
 def test_tensorboard_and_wandb_offline_are_readable(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    pretrain(run_dir, "train.max_steps=4", "report_to=tensorboard,wandb", kind="python", check=True)
+    pretrain(run_dir, "train.max_steps=4", "train.checkpoint_every=4", "report_to=tensorboard,wandb", kind="python",
+             check=True)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
@@ -44,6 +45,10 @@ def test_tensorboard_and_wandb_offline_are_readable(tmp_path, data_dir):
     (wandb_file,) = runs[0].glob("*.wandb")
     losses = [float(v["loss"]) for v in wandb_history(wandb_file) if "loss" in v]
     assert len(losses) == 4
+    # A resumed run continues the same W&B run (its id), rather than starting a new one.
+    pretrain(run_dir, "train.max_steps=6", "resume=auto", "report_to=wandb", kind="python", check=True)
+    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and ids == {(run_dir / "wandb_run_id").read_text()}
     # No secret is ever written to the saved config or logs.
     saved = (run_dir / "config.yaml").read_text() + (run_dir / "metrics.jsonl").read_text()
     assert "WANDB_API_KEY" not in saved and "api_key" not in saved

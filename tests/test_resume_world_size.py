@@ -5,8 +5,9 @@ How each backend reshards:
 - plain/DDP and FSDP: torch.distributed.checkpoint (DCP) stores every tensor with its global
   shape and reshards on load by itself (zerokit/backends/dcp.py);
 - DeepSpeed ZeRO-0: the optimizer state is not partitioned; DeepSpeed's own checkpoint loads as is;
-- DeepSpeed ZeRO 1-3 at another data-parallel size: rank 0 converts `<ckpt>/deepspeed` once with
-  DeepSpeed's ds_to_universal into `<ckpt>/deepspeed_universal` (temp folder + rename), and every
+- DeepSpeed ZeRO 1-3 at another data-parallel size: the first rank to take a file lock converts
+  `<ckpt>/deepspeed` once with DeepSpeed's ds_to_universal into `<ckpt>/deepspeed_universal`
+  (temp folder + rename; the other ranks wait on the lock), and every
   rank loads it with the engine's `load_universal_checkpoint` switched on for that load only
   (DeepSpeedBackend.load). Same size: the plain DeepSpeed checkpoint, no conversion.
 The data loader's position is one global sample count, so the resumed run reads the same samples;

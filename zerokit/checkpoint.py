@@ -49,15 +49,21 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a step may draw from, as tensors, ints and strings only: the file then loads with
+    torch.load(weights_only=True), which runs no pickled code (numpy's key array becomes a tensor)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -100,5 +106,5 @@ def load_checkpoint(path: Path, backend, info: DistInfo) -> dict:
     backend.load(path)
     rng = Path(path) / f"rng_rank{info.rank}.pt"
     if rng.is_file() and state["world_size"] == info.world_size:
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, weights_only=True))
     return state

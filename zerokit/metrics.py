@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import sys
 from pathlib import Path
 
@@ -111,7 +112,8 @@ class MetricsLogger:
         if "wandb" in targets:
             import wandb  # honours WANDB_MODE=offline; the API key stays in the environment, never in config
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "zerokit"), name=run_name,
-                                    dir=str(run_dir), config=config, resume="allow")
+                                    id=wandb_run_id(run_dir, resumed=start_step > 0), dir=str(run_dir),
+                                    config=config, resume="allow")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -141,6 +143,17 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The W&B run id kept in <run_dir>/wandb_run_id: a resumed run continues the same W&B run (one
+    curve across preemptions); a fresh start gets a new id."""
+    path = run_dir / "wandb_run_id"
+    if resumed and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # W&B ids are lower-case letters and digits
+    path.write_text(run_id)
+    return run_id
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

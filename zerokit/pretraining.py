@@ -2,7 +2,11 @@
 byte, and a generated sample. The same `loss`/`evaluate` verbs as the fine-tuning tasks."""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -10,15 +14,43 @@ import torch.nn.functional as F
 
 from zerokit.dist import all_reduce_sum
 
+log = logging.getLogger("zerokit")
+
 
 def prepare_data(d, cache: Path):
     """Tokenizer (trained on the training split only) and packed train/val shards, both cached.
-    `d` is the recipe's `data` config section."""
-    from zerokit.data.packed import corpus_texts, pack_corpus
+    `d` is the recipe's `data` config section.
+
+    Every rank calls it: the first does the work under a file lock while the others wait on the lock
+    (not in a collective, which gives up after the process-group timeout that a large corpus outlasts),
+    then find it done. A run whose local source files and tokenizer are unchanged (paths, sizes, mtimes)
+    is served from a small memo without reading or hashing the corpus again."""
+    from transformers import AutoTokenizer
+
+    from zerokit.data.packed import corpus_texts, pack_corpus, source_fingerprint
     from zerokit.data.tokenizer import get_tokenizer
-    train_texts = corpus_texts(d.corpus, d.text_field, d.val_fraction) if d.tokenizer == "train" else None
-    tok_dir, tokenizer = get_tokenizer(d.tokenizer, train_texts, d.vocab_size, cache / "tokenizers")
-    return tokenizer, pack_corpus(d.corpus, tok_dir, tokenizer, cache / "data", d.val_fraction, d.text_field)
+    from zerokit.locks import exclusive
+    tok_spec = str(d.tokenizer)
+    source = source_fingerprint(d.corpus)
+    inputs = {"source": source, "text_field": d.text_field, "val_fraction": d.val_fraction, "tokenizer": tok_spec,
+              "vocab_size": d.vocab_size if tok_spec == "train" else None,
+              "tokenizer_files": source_fingerprint(tok_spec) if Path(tok_spec).expanduser().is_dir() else None}
+    memo = cache / "prepared" / (hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+    with exclusive(memo):
+        if source is not None and memo.is_file():
+            hit = json.loads(memo.read_text())
+            if (Path(hit["data"]) / "index.json").is_file() and Path(hit["tokenizer"]).is_dir():
+                log.info("data cache hit (source unchanged): %s", hit["data"])
+                return AutoTokenizer.from_pretrained(hit["tokenizer"]), Path(hit["data"])
+        train_texts = corpus_texts(d.corpus, d.text_field, d.val_fraction) if tok_spec == "train" else None
+        tok_dir, tokenizer = get_tokenizer(d.tokenizer, train_texts, d.vocab_size, cache / "tokenizers")
+        data_dir = pack_corpus(d.corpus, tok_dir, tokenizer, cache / "data", d.val_fraction, d.text_field)
+        if source is not None:  # a hub dataset has no cheap fingerprint: it is read (datasets caches it) each time
+            tmp = memo.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"tokenizer": str(Path(tok_dir).resolve()), "data": str(data_dir.resolve()),
+                                       "inputs": inputs}))
+            tmp.replace(memo)
+    return tokenizer, data_dir
 
 
 def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,5 +50,5 @@ def dcp_model_weights(path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(Path(path) / "dcp"), str(out))
-        state = torch.load(out, map_location="cpu", weights_only=False)
+        state = torch.load(out, map_location="cpu", weights_only=True)
     return state["model"]

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from zerokit.backends import resolve_precision
-from zerokit.dist import DistInfo, barrier
+from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
+from zerokit.locks import exclusive
 from zerokit.optim import build_adamw, set_lr
 
 
@@ -123,7 +124,7 @@ class DeepSpeedBackend:
 
     def load(self, path) -> None:
         """Same data-parallel size (or ZeRO-0, whose optimizer state is not partitioned): DeepSpeed's own
-        checkpoint. Another size under ZeRO 1-3: its universal checkpoint, converted once on rank 0."""
+        checkpoint. Another size under ZeRO 1-3: its universal checkpoint, converted once (the first rank to get the lock)."""
         path = Path(path)
         if not (path / "deepspeed").is_dir():
             raise UsageError(f"no DeepSpeed checkpoint in {path}/deepspeed; resume from a checkpoint this backend wrote")
@@ -132,9 +133,8 @@ class DeepSpeedBackend:
             load_path, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
                                                        load_lr_scheduler_states=False)
         else:
-            if self.info.is_main:
+            with exclusive(path / UNIVERSAL_TAG):  # the first rank converts; the others then find it done
                 to_universal(path)
-            barrier()
             with loading_universal(self.engine):
                 load_path, _ = self.engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG, load_optimizer_states=True,
                                                            load_lr_scheduler_states=False)
@@ -189,7 +189,7 @@ def repair_zero3_universal_load(optimizer: torch.optim.Optimizer, universal_dir:
     - it gives every sub-group the *same* `step` tensor, which foreach AdamW increments in place once
       per sub-group, so bias correction runs ahead: each state gets its own copy."""
     saved = torch.load(Path(universal_dir) / "zero" / "optimizer_state.pt", map_location="cpu",
-                       weights_only=False)["param_groups"]
+                       weights_only=True)["param_groups"]
     if len(saved) != len(optimizer.param_groups):
         raise RuntimeError(f"{universal_dir}: {len(saved)} optimizer param groups saved, {len(optimizer.param_groups)} now")
     for group, saved_group in zip(optimizer.param_groups, saved):

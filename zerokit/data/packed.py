@@ -136,6 +136,20 @@ def corpus_texts(source: str | Path | None = None, text_field: str = "text", val
     return _split(_load_documents(source, text_field)[1], val_fraction)[0]
 
 
+def source_fingerprint(source: str | Path | None) -> list | None:
+    """(relative path, size, mtime) of each file a local source reads, the cheap stand-in for its
+    content hash (as make does); None for a datasets hub name or a path that does not exist."""
+    default = source is None or str(source) == "tinyshakespeare"
+    path = DEFAULT_CORPUS if default else Path(source).expanduser()
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files, root = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl")), path
+    else:
+        return None
+    return [str(path.resolve())] + [[str(f.relative_to(root)), (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
+
+
 # ---------------------------------------------------------------------------------------------- packing
 
 def usable_cores() -> int:
