@@ -8,9 +8,13 @@ left to accelerate, every CPU process silently believes it is rank 0 of 1.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
+import threading
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -90,6 +94,34 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
-    # Skipping this made ~1 run in 7 abort at exit ("terminate called without an active exception").
+    """Leave the process group (idempotent). Its gloo worker threads may live on: see exit_process."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a process that joined a process group: the one exit of recipes run as scripts, the bench,
+    verify and memtest workers and tests/workers/run_recipe_many.py.
+
+    It does what a normal exit does up to interpreter finalization (non-daemon threads joined, atexit
+    handlers: logging, W&B, temp dirs), then leaves with os._exit, skipping finalization. Why: torch's
+    gloo ProcessGroup keeps 2 worker threads ("pt_gloo_runloop") until the ProcessGroupGloo object is
+    freed, and destroy_process_group does not free it while others hold it: DeepSpeed 0.19.8 does
+    (TorchBackend.barrier's default argument captures the world group; deepspeed.utils.groups._WORLD_GROUP
+    keeps its clone), and so does torch's DTensor redistribute-planner cache (DeviceMesh -> group) under
+    FSDP2. A worker frees each finished collective's tensors, and freeing a tensor whose Python object
+    is alive takes the GIL after a Py_IsInitialized() check. If finalization starts between that check
+    and the GIL, CPython 3.11 ends the thread with pthread_exit, whose unwinding hits the noexcept
+    ~AsyncWork: std::terminate, "terminate called without an active exception", SIGABRT after a
+    finished run (~1 multi-rank exit in 7 on a loaded machine). Joining those threads needs freeing
+    objects that belong to DeepSpeed and torch, so the fix is not to finalize with them alive.
+    """
+    shutdown()
+    threading._shutdown()  # what finalization runs first: join non-daemon threads and executors
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced stream
+            pass
+    os._exit(status)
