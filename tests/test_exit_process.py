@@ -1,5 +1,6 @@
 """R7: a process that joined a process group ends through zerokit.dist.exit_process, never through
-interpreter finalization while torch's gloo worker threads live (see exit_process for why)."""
+interpreter finalization while torch's gloo worker threads live (see exit_process for why). The
+worker (tests/workers/late_gloo_work.py) makes the rare race of the multi-rank runs deterministic."""
 import signal
 import socket
 import subprocess

@@ -105,16 +105,17 @@ def exit_process(status: int) -> NoReturn:
 
     It does what a normal exit does up to interpreter finalization (non-daemon threads joined, atexit
     handlers: logging, W&B, temp dirs), then leaves with os._exit, skipping finalization. Why: torch's
-    gloo ProcessGroup keeps 2 worker threads ("pt_gloo_runloop") until the ProcessGroupGloo object is
-    freed, and destroy_process_group does not free it while others hold it: DeepSpeed 0.19.8 does
-    (TorchBackend.barrier's default argument captures the world group; deepspeed.utils.groups._WORLD_GROUP
-    keeps its clone), and so does torch's DTensor redistribute-planner cache (DeviceMesh -> group) under
-    FSDP2. A worker frees each finished collective's tensors, and freeing a tensor whose Python object
-    is alive takes the GIL after a Py_IsInitialized() check. If finalization starts between that check
-    and the GIL, CPython 3.11 ends the thread with pthread_exit, whose unwinding hits the noexcept
-    ~AsyncWork: std::terminate, "terminate called without an active exception", SIGABRT after a
-    finished run (~1 multi-rank exit in 7 on a loaded machine). Joining those threads needs freeing
-    objects that belong to DeepSpeed and torch, so the fix is not to finalize with them alive.
+    gloo ProcessGroup has 2 worker threads ("pt_gloo_runloop") that end only when the ProcessGroupGloo
+    object is freed. destroy_process_group frees it unless someone else holds it, and here someone
+    does: DeepSpeed 0.19.8 (TorchBackend.barrier's default argument captured the world group;
+    deepspeed.utils.groups._WORLD_GROUP keeps its clone) and, under FSDP2, torch's DTensor
+    redistribute-planner cache (DeviceMesh -> group). A worker frees each finished collective's
+    AsyncWork; dropping its reference to a tensor that Python also holds takes the GIL (torch 2.13
+    TensorImpl::decref_pyobject, after a Py_IsInitialized() check). If it gets the GIL only after
+    finalization began, CPython 3.11 ends the thread with pthread_exit, whose unwinding meets the
+    noexcept ~AsyncWork: std::terminate, "terminate called without an active exception", SIGABRT
+    after a finished run (~1 multi-rank exit in 7 on a loaded machine). Freeing those groups means
+    editing DeepSpeed's and torch's private state, so instead we never finalize with them alive.
     """
     shutdown()
     threading._shutdown()  # what finalization runs first: join non-daemon threads and executors
