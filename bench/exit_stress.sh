@@ -7,8 +7,9 @@
 #   engine: DeepSpeed ZeRO-0, DeepSpeed ZeRO-2, FSDP full_shard
 # gpt-tiny, 3 steps, a fresh data cache per launch (rank 0 trains the tokenizer and packs, as in a
 # fresh clone). Prints one line per launch and the count of non-zero exits; exits 1 if any.
-#   nice -n 10 bash bench/exit_stress.sh 30        (~15 s per launch on 2 idle cores)
-# Logs (and core files, where the kernel's core_pattern puts them in the cwd) stay in $EXIT_STRESS_DIR.
+#   nice -n 10 bash bench/exit_stress.sh 30     (10-50 s per launch on 2 shared cores, ~12 min for 30)
+# Logs stay in $EXIT_STRESS_DIR (default: a new temp dir). A first launch may JIT-build DeepSpeed's
+# CPU ops (minutes); venvs sharing ~/.cache/torch_extensions with other flags rebuild them each time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-30}
@@ -18,7 +19,6 @@ OUT=${EXIT_STRESS_DIR:-$(mktemp -d -t zerokit-exit-stress-XXXX)}
 mkdir -p "$OUT"
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 export PYTHONFAULTHANDLER=1  # an abort prints every thread's Python stack into the log
-ulimit -c unlimited 2>/dev/null || true
 ENTRIES=(recipe bench many)
 ENGINES=(zero0 zero2 fsdp)
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 2)
