@@ -162,7 +162,7 @@ def _zero3_worker(rank: int, port: int, root: str, data_dir: str) -> None:
         res["sent"] = _sent_task(data_dir).evaluate(cls_engine.module, rank, 2)
         (root / f"rank{rank}.json").write_text(json.dumps(res))
     finally:
-        dist.destroy_process_group()  # without it ~1 run in 7 aborts at interpreter exit
+        dist.destroy_process_group()
 
 
 def _summ_task(tok, data_dir, preds):
@@ -200,7 +200,8 @@ def test_zero3_synced_generation_and_sharded_eval(saved, data_dir):
                                              intermediate_size=64, num_labels=2)).save_pretrained(root / "bert")
     port = _free_port()
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_generate as t; "
-            f"t._zero3_worker(int(sys.argv[1]), {port}, {str(root)!r}, {str(data_dir)!r})")
+            f"t._zero3_worker(int(sys.argv[1]), {port}, {str(root)!r}, {str(data_dir)!r}); "
+            "from zerokit.dist import exit_process; exit_process(0)")  # not a plain return: see exit_process
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]

@@ -639,6 +639,7 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        raise SystemExit(worker_main(sys.argv[2]))
+        from zerokit.dist import exit_process
+        exit_process(worker_main(sys.argv[2]))
     from zerokit.memory import _run_cli
     raise SystemExit(_run_cli(bench_main))

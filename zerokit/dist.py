@@ -8,9 +8,13 @@ left to accelerate, every CPU process silently believes it is rank 0 of 1.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
+import threading
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -90,6 +94,35 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
-    # Skipping this made ~1 run in 7 abort at exit ("terminate called without an active exception").
+    """Leave the process group (idempotent). Its gloo worker threads may live on: see exit_process."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a process that joined a process group: the one exit of recipes run as scripts, the bench,
+    verify and memtest workers and tests/workers/run_recipe_many.py.
+
+    It does what a normal exit does up to interpreter finalization (non-daemon threads joined, atexit
+    handlers: logging, W&B, temp dirs), then leaves with os._exit, skipping finalization. Why: torch's
+    gloo ProcessGroup has 2 worker threads ("pt_gloo_runloop") that end only when the ProcessGroupGloo
+    object is freed. destroy_process_group frees it unless someone else holds it, and here someone
+    does: DeepSpeed 0.19.8 (TorchBackend.barrier's default argument captured the world group;
+    deepspeed.utils.groups._WORLD_GROUP keeps its clone) and, under FSDP2, torch's DTensor
+    redistribute-planner cache (DeviceMesh -> group). A worker frees each finished collective's
+    AsyncWork; dropping its reference to a tensor that Python also holds takes the GIL (torch 2.13
+    TensorImpl::decref_pyobject, after a Py_IsInitialized() check). If it gets the GIL only after
+    finalization began, CPython 3.11 ends the thread with pthread_exit, whose unwinding meets the
+    noexcept ~AsyncWork: std::terminate, "terminate called without an active exception", SIGABRT
+    after a finished run (~1 multi-rank exit in 7 on a loaded machine). Freeing those groups means
+    editing DeepSpeed's and torch's private state, so instead we never finalize with them alive.
+    """
+    shutdown()
+    threading._shutdown()  # what finalization runs first: join non-daemon threads and executors
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced stream
+            pass
+    os._exit(status)

@@ -197,7 +197,7 @@ def _measure_config(config: str, args, info) -> dict:
 
 
 def _worker(args) -> int:
-    from zerokit.dist import init_distributed, shutdown
+    from zerokit.dist import exit_process, init_distributed
     # A stuck rank (a collective one rank never joins) becomes a traceback and an exit, not a hang.
     # (Generous: the first DeepSpeed start on a machine JIT-compiles its CPU ops for minutes.)
     faulthandler.dump_traceback_later(args.worker_timeout, exit=True)
@@ -205,8 +205,7 @@ def _worker(args) -> int:
     for i, config in enumerate(args.config):
         held = _measure_config(config, args, info)
         Path(args.out, f"{i}_rank{info.rank}.json").write_text(json.dumps(held))
-    shutdown()
-    return 0
+    exit_process(0)  # this rank's results are written; see zerokit.dist.exit_process
 
 
 # ---- driving (the CLI) -------------------------------------------------------------------

@@ -36,7 +36,11 @@ def parse_args(argv: list[str], description: str) -> argparse.Namespace:
 
 
 def run_recipe(main: Callable[[Config], object], defaults: Path, description: str, argv: list[str] | None = None) -> int:
-    """Parse argv into a Config, run `main(cfg)`, map user errors to exit status 2."""
+    """Parse argv into a Config, run `main(cfg)`, map user errors to exit status 2.
+
+    Run as a script (argv None: the recipe's `__main__`) the process ends here, through
+    zerokit.dist.exit_process (why: see there); called with an argv (tests, notebooks), it returns."""
+    script = argv is None
     argv = sys.argv[1:] if argv is None else argv
     setup_logging(int(os.environ.get("RANK", "0")))
     debug = "--debug" in argv
@@ -51,13 +55,8 @@ def run_recipe(main: Callable[[Config], object], defaults: Path, description: st
         print(f"error: {e}", file=sys.stderr)
         status = 2
     finally:
-        from zerokit.dist import shutdown
+        from zerokit.dist import exit_process, shutdown
         shutdown()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Even after destroy_process_group, ~1 multi-rank run in 7 still aborted in interpreter
-        # teardown ("terminate called without an active exception", DeepSpeed/gloo threads):
-        # everything is written and closed by now, so leave without running C++ destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+    if script:
+        exit_process(status)
     return status

@@ -161,7 +161,7 @@ def _measure_point(config, p: dict, seq: int, precision: str, zero: dict, info, 
 def _worker(spec_path: str) -> int:
     import faulthandler
 
-    from zerokit.dist import init_distributed, shutdown
+    from zerokit.dist import exit_process, init_distributed
     spec = json.loads(Path(spec_path).read_text())
     # A stuck rank (a collective one rank never joins) becomes a traceback and an exit, not a hang.
     faulthandler.dump_traceback_later(spec["timeout"], exit=True)
@@ -170,8 +170,7 @@ def _worker(spec_path: str) -> int:
     for i, (p, zero) in enumerate(zip(spec["points"], spec["zero"])):
         result = _measure_point(config, p, spec["seq"], spec["precision"], zero, info, spec["timed_steps"])
         Path(spec["out"], f"{i}_rank{info.rank}.json").write_text(json.dumps(result))
-    shutdown()
-    return 0
+    exit_process(0)  # this rank's results are written; see zerokit.dist.exit_process
 
 
 # ---- driving ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from zerokit.config import load_config
-from zerokit.dist import shutdown
+from zerokit.dist import exit_process, shutdown
 from zerokit.recipe import setup_logging
 
 
@@ -45,3 +45,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # not a plain return: see zerokit.dist.exit_process
