@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from zerokit.backends import resolve_precision
+from zerokit.backends import check_accelerate_flags, resolve_precision
 from zerokit.dist import DistInfo, barrier
 from zerokit.errors import UsageError
 from zerokit.optim import build_adamw, set_lr
@@ -57,6 +57,7 @@ def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None,
                            ("weight_decay", train.weight_decay)):
             _fill(params, key, value, "optimizer.params.", f"set train.{key}")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    fill_precision_types(ds, precision, train.grad_accum)
     if hidden_size:  # the bucket sizes Hugging Face's integration derives from the width
         for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                            ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
@@ -64,6 +65,36 @@ def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None,
             if zero.get(key) == "auto":
                 zero[key] = value
     return ds
+
+
+def fill_precision_types(ds: dict, precision: str, grad_accum: int) -> None:
+    """Gradients accumulate and reduce in fp32 under bf16/fp16. Left out, DeepSpeed 0.19.8 does both in the
+    model's 16-bit dtype (engine.get_data_types, engine.communication_data_type). ZeRO 1-3 accumulate in fp32
+    with bf16 and fp16 (stage_1_and_2 / stage3 `gradient_accumulation_dtype`; bf16 ZeRO-1 goes through
+    BF16_Optimizer); ZeRO-0 only in the model dtype (any other mix: NotImplementedError in
+    `_do_optimizer_sanity_check`). An explicit value in the JSON is the user's choice and is kept."""
+    if precision not in ("bf16", "fp16"):
+        return
+    if ds.get("communication_data_type", "auto") == "auto":
+        ds["communication_data_type"] = "fp32"
+    types = ds.setdefault("data_types", {})
+    stage = int(ds["zero_optimization"].get("stage", 0))
+    accum = types.get("grad_accum_dtype", "auto")
+    if stage > 0:
+        if accum == "auto":
+            types["grad_accum_dtype"] = "fp32"
+        return
+    if accum not in ("auto", precision):
+        raise UsageError(f"DeepSpeed ZeRO-0 cannot accumulate {precision} gradients in {accum} (only in the model's "
+                         f"dtype); use ZeRO-1 (ds_configs/zero1.json) or the plain backend (no ds_config)")
+    if accum == "auto":
+        types.pop("grad_accum_dtype", None)
+        if not types:
+            del ds["data_types"]
+        if grad_accum > 1:
+            raise UsageError(f"DeepSpeed ZeRO-0 would accumulate the {grad_accum} micro-batches' gradients in {precision}; "
+                             f"use ZeRO-1 (ds_configs/zero1.json, fp32 accumulation), the plain backend (no ds_config), "
+                             f"or accept it with \"data_types\": {{\"grad_accum_dtype\": \"{precision}\"}} in the JSON")
 
 
 def offloads_optimizer(ds: dict) -> bool:
@@ -74,13 +105,20 @@ def offloads_optimizer(ds: dict) -> bool:
 class DeepSpeedBackend:
     name = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds_path: str):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds: str | dict):
+        """`ds`: a DeepSpeed JSON's path, or the config accelerate's flags describe (backends.accelerate_deepspeed_config)."""
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
         self.info = info
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed insists; no launcher sets it for `python`
         self.precision = resolve_precision(train.precision, info.device)
+        if self.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            raise UsageError(f"DeepSpeed has no fp16 on this {get_accelerator().device_name()} device; use "
+                             f"train.precision=bf16, or fp16 with the plain backend (no ds_config: GradScaler)")
         hidden = getattr(model.config, "hidden_size", None) if hasattr(model, "config") else None
-        self.ds_config = resolve_ds_config(load_ds_json(ds_path), train, info.world_size, hidden, self.precision)
+        ds = load_ds_json(ds) if isinstance(ds, (str, Path)) else ds
+        check_accelerate_flags(ds, train)
+        self.ds_config = resolve_ds_config(ds, train, info.world_size, hidden, self.precision)
         self.stage = self.ds_config["zero_optimization"].get("stage", 0)
         optimizer = None
         if "optimizer" not in self.ds_config:
