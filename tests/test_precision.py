@@ -135,12 +135,303 @@ def _worker(spec_path: str, out_path: str) -> None:
         }
         if info.is_main:
             print(f"{case['name']}: {results[case['name']]}", flush=True)
-        if case.get("keep_grads") and info.is_main:
-            torch.save({"grads": grads, "absum": absum}, Path(out_path).parent / f"{case['name']}_grads.pt")
+            if case.get("keep_grads"):
+                torch.save({"grads": grads}, Path(out_path).parent / f"{case['name']}_grads.pt")
         del backend
     if info.is_main:
         Path(out_path).write_text(json.dumps(results, indent=1))
     shutdown()
+
+
+# ---- the tests ---------------------------------------------------------------------------------
+import pytest  # noqa: E402  (the worker above needs no pytest)
+
+REF_STEPS, CKPT = 6, 3
+BF16 = ["train.precision=bf16", f"train.max_steps={REF_STEPS}", f"train.checkpoint_every={CKPT}", "train.grad_clip=1.0"]
+ENGINES = {"zero2": ["ds_config=ds_configs/zero2.json"], "zero3": ["ds_config=ds_configs/zero3.json"],
+           "fsdp": ["fsdp=full_shard"]}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, data_dir):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):
+    """Every recipe run of this file that `torchrun` can batch: two launches, then read back.
+    2 ranks: bf16 ZeRO-2/ZeRO-3/FSDP (4 sequences per rank), resumed ZeRO-2 bf16, FSDP fp16 and its resume.
+    1 process: the bf16 reference (DeepSpeed ZeRO-2, 8 sequences), plain fp16 (GradScaler) and its resume."""
+    from launch_util import pretrain_many
+    root = tmp_path_factory.mktemp("precision")
+    two = [[*BF16, "train.micro_batch_size=4", f"run_dir={root / name}", *extra] for name, extra in ENGINES.items()]
+    two.append([*BF16, "train.micro_batch_size=4", f"run_dir={root / 'zero2_resumed'}",
+                f"resume={root / 'zero2' / 'checkpoints' / f'step_{CKPT}'}", *ENGINES["zero2"]])
+    fp16 = ["train.precision=fp16", f"train.max_steps={REF_STEPS}", f"train.checkpoint_every={CKPT}"]
+    for name, extra, n in (("fsdp_fp16", ["fsdp=full_shard", "train.micro_batch_size=4"], two),):
+        n.append([*fp16, *extra, f"run_dir={root / name}"])
+        n.append([*fp16, *extra, f"run_dir={root / (name + '_resumed')}",
+                  f"resume={root / name / 'checkpoints' / f'step_{CKPT}'}"])
+    pretrain_many(two, nproc=2, cache=cache, workdir=root)
+    one = [[*BF16, "train.micro_batch_size=8", f"run_dir={root / 'reference'}", *ENGINES["zero2"]],
+           [*fp16, "train.micro_batch_size=8", f"run_dir={root / 'plain_fp16'}"],
+           [*fp16, "train.micro_batch_size=8", f"run_dir={root / 'plain_fp16_resumed'}",
+            f"resume={root / 'plain_fp16' / 'checkpoints' / f'step_{CKPT}'}"]]
+    (root / "one").mkdir()
+    pretrain_many(one, nproc=1, cache=cache, workdir=root / "one")
+    return root
+
+
+def _masters(run_dir: Path, step: int = REF_STEPS) -> dict:
+    from zerokit.export import checkpoint_weights
+    weights = checkpoint_weights(run_dir / "checkpoints" / f"step_{step}")
+    return {k: v.double() for k, v in weights.items() if not k.endswith("lm_head.weight")}  # tied to wte
+
+
+def _initial_weights(run_dir: Path) -> dict:
+    """The recipe's step-0 weights (same preset, vocabulary, seed), for the distance each run travelled."""
+    from zerokit.config import load_config
+    from zerokit.models import build_causal_lm
+    cfg = json.loads((run_dir / "checkpoints" / f"step_{REF_STEPS}" / "model" / "config.json").read_text())
+    seed = load_config(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "pretrain_gpt.yaml", []).train.seed
+    model = build_causal_lm("gpt-tiny", None, cfg["vocab_size"], 32, 0.0, False, seed)
+    return {k: v.double() for k, v in model.state_dict().items()}
+
+
+def test_bf16_engines_match_the_single_process_run(runs, capsys):
+    """bf16 ZeRO-2, ZeRO-3 and FSDP on 2 ranks against one bf16 process (DeepSpeed ZeRO-2, batch 8: the
+    same 16-bit-weight arithmetic; the plain backend's autocast keeps the residual stream in fp32, which
+    is a different, not a wrong, computation).
+
+    Tolerance, derived. With fp32 accumulation and reduction the runs differ only in where the one bf16
+    rounding of a gradient falls: 2 ranks round each rank's sum S_r, one process rounds S = S_1 + S_2, so
+    |g_2 - g_1| <= u/2 (|S_1| + |S_2| + |S|), a relative perturbation of at most ~u = 2^-8 per element.
+    AdamW's update m/(sqrt(v) + eps) is scale-free in g, so a relative perturbation e of the gradients
+    perturbs each update by at most ~2e relative: over the run, ||w_2 - w_1|| <= 2u * sum_t ||dw_t||, and
+    with aligned steps sum_t ||dw_t|| ~ ||w_N - w_0||. Hence rel = ||w_2 - w_1|| / ||w_1 - w_0|| <= 2u
+    (7.8e-3) on the fp32 masters. bf16 masters (each step rounded to 2^-9 |w|, while a step moves w by
+    ~lr = 1e-3 < |w|) or bf16 accumulation (an extra O(u) per partial sum) exceed it. Losses: the forward
+    passes see the same bf16 weights up to that drift, so per-step losses agree within u (3.9e-3)
+    relative. Observed (2 CPU ranks, 6 steps): masters rel ~1e-3 and losses ~1e-5 or less (printed)."""
+    from launch_util import losses
+    ref_losses, ref = losses(runs / "reference"), _masters(runs / "reference")
+    start = _initial_weights(runs / "reference")
+    travelled = sum(((ref[k] - start[k]) ** 2).sum() for k in ref) ** 0.5
+    rows, bad = [], []
+    for name in ENGINES:
+        got_losses, got = losses(runs / name), _masters(runs / name)
+        assert got_losses.keys() == ref_losses.keys() and got.keys() == ref.keys(), name
+        loss_rel = max(abs(got_losses[s] - ref_losses[s]) / ref_losses[s] for s in ref_losses)
+        master_rel = (sum(((got[k] - ref[k]) ** 2).sum() for k in ref) ** 0.5 / travelled).item()
+        rows.append(f"| {name} | {loss_rel:.1e} | {master_rel:.1e} |")
+        if loss_rel > U_BF16 or master_rel > 2 * U_BF16:
+            bad.append(name)
+    with capsys.disabled():
+        print("\n| bf16, 2 ranks vs 1 | max rel. loss diff | rel. master diff |\n|---|---|---|\n" + "\n".join(rows))
+    assert not bad, f"bf16 engines off the single-process run: {bad}\n" + "\n".join(rows)
+
+
+def test_gradients_accumulate_and_reduce_in_fp32(tmp_path, data_dir):
+    """4 micro-batches of 2 (and 1 of 8) per rank, 2 ranks, bf16: the gradient the engine hands its optimizer
+    equals the exact sum of the same bf16 micro-batch gradients (a plain PyTorch bf16 copy of the model),
+    and the master weights after one step equal fp32 AdamW on the fp32 initial weights with that gradient.
+
+    Tolerances, derived (elementwise). Gradient: accum x ranks = 8 fp32 additions of bf16 terms g_i, each
+    adding at most 2^-24 of the running sum: |err| <= 8 * 2^-24 * sum|g_i|. A bf16 accumulation adds up to
+    2^-9 of each partial sum instead: ~10^4 times more; the control run below (ZeRO-2 with an explicit
+    grad_accum_dtype/communication_data_type bf16) must exceed the bound, so the test can fail.
+    Masters: w1 = w0 (1 - lr wd) - lr g/(|g| + eps); the step's sensitivity to g is lr eps/(|g| + eps)^2
+    (capped at 2 lr), plus 4 fp32 roundings of w.
+    4x2 against 1x8 directly: different batchings round different intermediates, so the two gradients
+    are two bf16 evaluations of one exact gradient, each within ~u (relative L2) of it: <= 2u apart.
+    That comparison alone cannot tell fp32 from bf16 accumulation (which adds ~u/2 more); the exact-sum
+    comparison above can.
+    Observed: gradients <= 0.21 of the fp32 bound (relative L2 error ~1e-9), masters <= 0.55 of theirs
+    (bitwise for ZeRO-2/3); the bf16-accumulation control 2.4e4 x its bound (relative L2 error 3.2e-3);
+    4x2 against 1x8: 2.6e-3 relative L2 (0.34 of 2u)."""
+    import torch
+    from launch_util import REPO, launcher, run
+    cases = [{"name": "zero2_4x2", "ds_config": "ds_configs/zero2.json", "accum": 4, "keep_grads": True},
+             {"name": "zero2_1x8", "ds_config": "ds_configs/zero2.json", "accum": 1, "keep_grads": True},
+             {"name": "zero3_4x2", "ds_config": "ds_configs/zero3.json", "accum": 4},
+             {"name": "fsdp_4x2", "fsdp": "full_shard", "accum": 4},
+             {"name": "zero2_4x2_bf16_accumulation", "ds_config": "ds_configs/zero2.json", "accum": 4,
+              "ds_extra": {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}}]
+    spec, out = tmp_path / "cases.json", tmp_path / "results.json"
+    spec.write_text(json.dumps(cases))
+    run([*launcher(2), str(REPO / "tests" / "test_precision.py"), str(spec), str(out)], timeout=600)
+    results = json.loads(out.read_text())
+    summary = "\n".join(f"{k}: {v}" for k, v in results.items())
+    control = results.pop("zero2_4x2_bf16_accumulation")
+    assert control["data_types"] == ["torch.bfloat16"] * 3, control
+    assert control["grad_vs_bound"] > 100, f"bf16 accumulation went unnoticed:\n{summary}"
+    for name, r in results.items():
+        assert r["grad_vs_bound"] <= 1 and r["master_vs_bound"] <= 1, f"{name} off its fp32 bound:\n{summary}"
+        if name.startswith("zero"):  # what DeepSpeed itself says it uses: model, accumulation, communication
+            assert r["data_types"] == ["torch.bfloat16", "torch.float32", "torch.float32"], (name, r)
+    # 4x2 against 1x8 directly: two bf16 evaluations of the same exact gradient, each within ~u of it in
+    # relative L2 (the result's rounding u/2, plus that of the bf16 activations feeding it), so <= 2u apart.
+    a, b = torch.load(tmp_path / "zero2_4x2_grads.pt")["grads"], torch.load(tmp_path / "zero2_1x8_grads.pt")["grads"]
+    rel = (sum(((a[n] - b[n]) ** 2).sum() for n in a) ** 0.5 / sum((b[n] ** 2).sum() for n in b) ** 0.5).item()
+    assert rel <= 2 * U_BF16, f"4x2 and 1x8 gradients {rel:.2e} apart (relative L2), more than 2u"
+
+
+def _read_scaler(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"step_{step}" / "grad_scaler.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["zero2", "plain_fp16", "fsdp_fp16"])
+def test_resume_is_bit_identical(runs, name):
+    """Same world size: the resumed run's losses and final fp32 masters are bitwise those of the
+    uninterrupted run. fp16 runs also carry the GradScaler: its growth tracker counts the unskipped
+    steps since the last change of scale, so a resume that restarted the scaler would end with a
+    different state in the final checkpoint (DeepSpeed fp16 keeps its own scaler in its optimizer
+    state; it does not run on this CPU, see test_deepspeed_fp16_needs_a_device_that_has_it)."""
+    from launch_util import losses
+    ref, resumed = runs / name, runs / f"{name}_resumed"
+    want = {s: v for s, v in losses(ref).items() if s > CKPT}
+    assert losses(resumed) == want
+    a, b = _masters(ref), _masters(resumed)
+    assert all(torch_equal(a[k], b[k]) for k in a), [k for k in a if not torch_equal(a[k], b[k])]
+    if name.endswith("fp16"):
+        saved = _read_scaler(ref, CKPT)
+        assert saved["_growth_tracker"] == CKPT and saved["scale"] > 0, saved
+        assert _read_scaler(resumed, REF_STEPS) == _read_scaler(ref, REF_STEPS)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return bool(torch.equal(a, b))
+
+
+def test_deepspeed_fp16_needs_a_device_that_has_it():
+    """DeepSpeed 0.19.8 refuses fp16 on a CPU without AVX512-FP16 (engine._do_sanity_check): a UsageError
+    naming bf16 and the plain backend comes first, before any engine is built."""
+    from deepspeed.accelerator import get_accelerator
+    from zerokit.backends.deepspeed import check_fp16_supported
+    from zerokit.errors import UsageError
+    check_fp16_supported("bf16")
+    if get_accelerator().is_fp16_supported():
+        check_fp16_supported("fp16")
+    else:
+        with pytest.raises(UsageError, match="train.precision=bf16.*plain backend"):
+            check_fp16_supported("fp16")
+
+
+def _train_cfg(*overrides):
+    from zerokit.config import load_config
+    return load_config(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "pretrain_gpt.yaml",
+                       list(overrides)).train
+
+
+def _zero2_json() -> dict:
+    return json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json").read_text())
+
+
+def test_deepspeed_configs_get_fp32_accumulation_and_reduction():
+    """What resolve_ds_config hands DeepSpeed: fp32 accumulation/communication filled where the JSON is
+    silent or "auto", an explicit value kept, ZeRO-0 (no fp32 accumulation in DeepSpeed) refused only when
+    it would accumulate in 16 bits, and nothing added for fp32 runs."""
+    from zerokit.backends.deepspeed import resolve_ds_config
+    from zerokit.errors import UsageError
+    for precision in ("bf16", "fp16"):
+        ds = resolve_ds_config(_zero2_json(), _train_cfg(), 2, 64, precision)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    explicit = _zero2_json() | {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}
+    ds = resolve_ds_config(explicit, _train_cfg(), 2, 64, "bf16")
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["communication_data_type"] == "bf16"
+    assert "data_types" not in resolve_ds_config(_zero2_json(), _train_cfg(), 2, 64, "fp32")
+    zero0 = _zero2_json() | {"zero_optimization": {"stage": 0}}
+    ds = resolve_ds_config(zero0, _train_cfg(), 2, 64, "bf16")  # one micro-batch: nothing accumulates
+    assert "data_types" not in ds and ds["communication_data_type"] == "fp32"
+    with pytest.raises(UsageError, match="ZeRO-0 would accumulate.*zero1.json"):
+        resolve_ds_config(zero0, _train_cfg("train.grad_accum=4"), 2, 64, "bf16")
+    accepted = zero0 | {"data_types": {"grad_accum_dtype": "bf16"}}
+    resolve_ds_config(accepted, _train_cfg("train.grad_accum=4"), 2, 64, "bf16")
+
+
+def test_accelerate_flags_are_read_or_refused():
+    """The environment `accelerate launch` gives its ranks (accelerate/utils/launch.py): honoured where
+    the run config leaves the choice open, a UsageError where it contradicts it."""
+    import torch
+    from zerokit.backends import accelerate_deepspeed_config, check_accelerate_flags, resolve_precision
+    from zerokit.errors import UsageError
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16"
+    assert resolve_precision("fp16", cpu, {"ACCELERATE_MIXED_PRECISION": "fp16"}) == "fp16"
+    assert resolve_precision("bf16", cpu, {"ACCELERATE_MIXED_PRECISION": "no"}) == "bf16"  # accelerate's default
+    with pytest.raises(UsageError, match="--mixed_precision fp16 contradicts train.precision=bf16"):
+        resolve_precision("bf16", cpu, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+    with pytest.raises(UsageError, match="fp8"):
+        resolve_precision("auto", cpu, {"ACCELERATE_MIXED_PRECISION": "fp8"})
+
+    ds_env = {"ACCELERATE_USE_DEEPSPEED": "true"}
+    assert accelerate_deepspeed_config({}) is None
+    assert accelerate_deepspeed_config(ds_env)["zero_optimization"]["stage"] == 2  # accelerate's default
+    ds = accelerate_deepspeed_config(ds_env | {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                                               "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+                                               "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"})
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"] == ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert accelerate_deepspeed_config(ds_env | {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "x.json"}) is None
+    with pytest.raises(UsageError, match="needs --zero_stage 3"):
+        accelerate_deepspeed_config(ds_env | {"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"})
+
+    train = _train_cfg()
+    check_accelerate_flags(_zero2_json(), train, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    for env, message in (({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "--zero_stage 3 contradicts"),
+                         ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "--offload_optimizer_device cpu"),
+                         ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "set train.grad_accum=4"),
+                         ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, "set train.grad_clip=0.5")):
+        with pytest.raises(UsageError, match=message):
+            check_accelerate_flags(_zero2_json(), train, env)
+
+
+def test_accelerate_zero_stage_and_mixed_precision_without_a_json(runs, cache, tmp_path):
+    """`accelerate launch --use_deepspeed --zero_stage 2 --mixed_precision bf16` and no JSON really trains
+    bf16 ZeRO-2 on 2 ranks: the checkpoint is DeepSpeed's, with one optimizer partition per rank marked
+    stage 2, bf16 module weights, the fp32 accumulation/communication filled in, and the losses of the
+    ds_configs/zero2.json bf16 run (same arithmetic: within fp32 summation noise)."""
+    import torch
+    from launch_util import BIN, PRETRAIN, TINY, losses, run
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no",
+           "--use_deepspeed", "--zero_stage", "2", "--mixed_precision", "bf16", PRETRAIN, *TINY,
+           f"run_dir={tmp_path}", f"data.cache_dir={cache}",
+           *[o for o in BF16 if not o.startswith("train.precision")], "train.micro_batch_size=4"]
+    run(cmd, timeout=600)
+    ckpt = tmp_path / "checkpoints" / f"step_{REF_STEPS}"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["backend"] == "deepspeed" and state["world_size"] == 2
+    parts = sorted((ckpt / "deepspeed").glob("*optim_states.pt"))
+    assert len(parts) == 2, parts
+    optim = torch.load(parts[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    assert optim["zero_stage"] == 2
+    model_states = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert {v.dtype for v in model_states["module"].values()} == {torch.bfloat16}
+    ds = model_states["ds_config"]
+    assert ds["bf16"]["enabled"] is True and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    want, got = losses(runs / "zero2"), losses(tmp_path)
+    assert got.keys() == want.keys()
+    assert max(abs(got[s] - want[s]) / want[s] for s in want) <= 1e-5, (got, want)
+
+
+def test_accelerate_contradiction_is_one_line_and_exit_2(cache, tmp_path):
+    """`--mixed_precision fp16` against train.precision=bf16: the recipe prints one `error:` line and exits 2,
+    given accelerate's environment directly and under `accelerate launch -q` (which reports any failing
+    child as its own exit status 1: accelerate/commands/launch.py simple_launcher)."""
+    import sys
+    from launch_util import BIN, PRETRAIN, TINY, run
+    want = ["error: accelerate launch --mixed_precision fp16 contradicts train.precision=bf16; "
+            "pass only one of them (or make them agree)"]
+    args = [PRETRAIN, *TINY, f"run_dir={tmp_path}", f"data.cache_dir={cache}", "train.precision=bf16", "train.max_steps=1"]
+    launchers = {2: [sys.executable],
+                 1: [str(BIN / "accelerate"), "launch", "-q", "--num_processes", "1", "--num_machines", "1",
+                     "--dynamo_backend", "no", "--mixed_precision", "fp16"]}
+    for status, launcher in launchers.items():
+        proc = run([*launcher, *args], timeout=300, check=False, ACCELERATE_MIXED_PRECISION="fp16")
+        assert proc.returncode == status, proc.stderr[-3000:]
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == want, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 if __name__ == "__main__":

@@ -98,6 +98,14 @@ def fill_precision_types(ds: dict, precision: str, grad_accum: int) -> None:
                          f"\"{precision}\"}} in the JSON")
 
 
+def check_fp16_supported(precision: str) -> None:
+    """DeepSpeed refuses fp16 where its accelerator lacks it (a CPU without AVX512-FP16: engine._do_sanity_check)."""
+    from deepspeed.accelerator import get_accelerator
+    if precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise UsageError(f"DeepSpeed has no fp16 on this {get_accelerator().device_name()} device; use "
+                         f"train.precision=bf16, or fp16 with the plain backend (no ds_config: GradScaler)")
+
+
 def offloads_optimizer(ds: dict) -> bool:
     off = ds.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
     return off.get("device", "none") in ("cpu", "nvme")
@@ -109,13 +117,10 @@ class DeepSpeedBackend:
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds: str | dict):
         """`ds`: a DeepSpeed JSON's path, or the config accelerate's flags describe (backends.accelerate_deepspeed_config)."""
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
         self.info = info
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed insists; no launcher sets it for `python`
         self.precision = resolve_precision(train.precision, info.device)
-        if self.precision == "fp16" and not get_accelerator().is_fp16_supported():
-            raise UsageError(f"DeepSpeed has no fp16 on this {get_accelerator().device_name()} device; use "
-                             f"train.precision=bf16, or fp16 with the plain backend (no ds_config: GradScaler)")
+        check_fp16_supported(self.precision)
         hidden = getattr(model.config, "hidden_size", None) if hasattr(model, "config") else None
         ds = load_ds_json(ds) if isinstance(ds, (str, Path)) else ds
         check_accelerate_flags(ds, train)
