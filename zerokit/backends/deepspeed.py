@@ -198,12 +198,18 @@ def restore_fp32_masters(engine, fp32_weights: dict) -> None:
     if not fp32_weights:
         return
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_set_full_fp32_param
     from torch._utils import _flatten_dense_tensors
     optimizer = engine.optimizer
-    if isinstance(optimizer, FP16_Optimizer):  # ZeRO-0: one flat fp32 copy per param group
+    if isinstance(optimizer, FP16_Optimizer):  # ZeRO-0 with FusedAdam: one flat fp32 copy per param group
         for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups):
             flat.data.copy_(_flatten_dense_tensors([fp32_weights[id(p)] for p in group]))
+        return
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # ZeRO-0 with a torch optimizer: one fp32 clone per param
+        for masters, group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+            for master, p in zip(masters, group):
+                master.data.copy_(fp32_weights[id(p)])
         return
     for p in engine.module.parameters():
         if id(p) in fp32_weights and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")):
