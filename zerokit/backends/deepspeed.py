@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from zerokit.backends import resolve_precision
+from zerokit.backends import check_accelerate_flags, resolve_precision
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.locks import exclusive
@@ -58,6 +58,7 @@ def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None,
                            ("weight_decay", train.weight_decay)):
             _fill(params, key, value, "optimizer.params.", f"set train.{key}")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    fill_precision_types(ds, precision, train.grad_accum)
     if hidden_size:  # the bucket sizes Hugging Face's integration derives from the width
         for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                            ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
@@ -65,6 +66,45 @@ def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None,
             if zero.get(key) == "auto":
                 zero[key] = value
     return ds
+
+
+def fill_precision_types(ds: dict, precision: str, grad_accum: int) -> None:
+    """Gradients accumulate and reduce in fp32 under bf16/fp16. Left out, DeepSpeed 0.19.8 does both in the
+    model's 16-bit dtype (engine.get_data_types, engine.communication_data_type). ZeRO 1-3 accumulate in fp32
+    with bf16 and fp16 (stage_1_and_2 / stage3 `gradient_accumulation_dtype`; bf16 ZeRO-1 goes through
+    BF16_Optimizer). ZeRO-0 cannot: any accumulation dtype but the model's is a NotImplementedError
+    (`_do_optimizer_sanity_check`); it sums the all-reduce in fp32 but stores the result in the 16-bit grads,
+    which is one rounding, as in a single process, so only accumulation (grad_accum > 1) is refused there.
+    An explicit value in the JSON is the user's choice and is kept."""
+    if precision not in ("bf16", "fp16"):
+        return
+    if ds.get("communication_data_type", "auto") == "auto":
+        ds["communication_data_type"] = "fp32"
+    types = ds.setdefault("data_types", {})
+    accum = types.get("grad_accum_dtype", "auto")
+    if int(ds["zero_optimization"].get("stage", 0)) > 0:
+        if accum == "auto":
+            types["grad_accum_dtype"] = "fp32"
+        return
+    if accum not in ("auto", precision):
+        raise UsageError(f"DeepSpeed ZeRO-0 cannot accumulate {precision} gradients in {accum}, only in {precision}; "
+                         f"use ZeRO-1 (ds_configs/zero1.json) or the plain backend (DDP: drop ds_config)")
+    types.pop("grad_accum_dtype", None)
+    if not types:
+        del ds["data_types"]
+    if grad_accum > 1 and accum == "auto":
+        raise UsageError(f"DeepSpeed ZeRO-0 would accumulate the {grad_accum} micro-batches' gradients in {precision}; "
+                         f"use ZeRO-1 (ds_configs/zero1.json: fp32 accumulation, less memory), the plain backend "
+                         f"(DDP: drop ds_config), or accept it with \"data_types\": {{\"grad_accum_dtype\": "
+                         f"\"{precision}\"}} in the JSON")
+
+
+def check_fp16_supported(precision: str) -> None:
+    """DeepSpeed refuses fp16 where its accelerator lacks it (a CPU without AVX512-FP16: engine._do_sanity_check)."""
+    from deepspeed.accelerator import get_accelerator
+    if precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise UsageError(f"DeepSpeed has no fp16 on this {get_accelerator().device_name()} device; use "
+                         f"train.precision=bf16, or fp16 with the plain backend (no ds_config: GradScaler)")
 
 
 def offloads_optimizer(ds: dict) -> bool:
@@ -75,21 +115,28 @@ def offloads_optimizer(ds: dict) -> bool:
 class DeepSpeedBackend:
     name = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds_path: str):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds: str | dict):
+        """`ds`: a DeepSpeed JSON's path, or the config accelerate's flags describe (backends.accelerate_deepspeed_config)."""
         import deepspeed
         self.info = info
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed insists; no launcher sets it for `python`
         self.precision = resolve_precision(train.precision, info.device)
+        check_fp16_supported(self.precision)
         hidden = getattr(model.config, "hidden_size", None) if hasattr(model, "config") else None
-        self.ds_config = resolve_ds_config(load_ds_json(ds_path), train, info.world_size, hidden, self.precision)
+        ds = load_ds_json(ds) if isinstance(ds, (str, Path)) else ds
+        check_accelerate_flags(ds, train)
+        self.ds_config = resolve_ds_config(ds, train, info.world_size, hidden, self.precision)
         self.stage = self.ds_config["zero_optimization"].get("stage", 0)
         optimizer = None
         if "optimizer" not in self.ds_config:
             optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay,
                                     cpu_adam=offloads_optimizer(self.ds_config))
         params = [p for p in model.parameters() if p.requires_grad]
+        # The fp32 tensors themselves (no copy): DeepSpeed replaces each `.data` with its 16-bit cast.
+        fp32_weights = {id(p): p.data for p in params} if self.precision in ("bf16", "fp16") else {}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     model_parameters=params, dist_init_required=False)
+        restore_fp32_masters(self.engine, fp32_weights)
         if train.get("compile"):
             self.engine.compile()
         self.model = self.engine
@@ -142,6 +189,31 @@ class DeepSpeedBackend:
                 repair_zero3_universal_load(self.engine.optimizer.optimizer, path / UNIVERSAL_TAG)
         if load_path is None:
             raise UsageError(f"no DeepSpeed checkpoint in {path}/deepspeed; resume from a checkpoint this backend wrote")
+
+
+def restore_fp32_masters(engine, fp32_weights: dict) -> None:
+    """DeepSpeed casts the module to 16 bits and then builds its fp32 masters *from the 16-bit copy*, so the
+    masters would start as bf16/fp16-rounded weights (a pretrained model loses its low bits before the
+    first step). Write the original fp32 values back into them; the 16-bit weights are unchanged."""
+    if not fp32_weights:
+        return
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_set_full_fp32_param
+    from torch._utils import _flatten_dense_tensors
+    optimizer = engine.optimizer
+    if isinstance(optimizer, FP16_Optimizer):  # ZeRO-0 with FusedAdam: one flat fp32 copy per param group
+        for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups):
+            flat.data.copy_(_flatten_dense_tensors([fp32_weights[id(p)] for p in group]))
+        return
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # ZeRO-0 with a torch optimizer: one fp32 clone per param
+        for masters, group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+            for master, p in zip(masters, group):
+                master.data.copy_(fp32_weights[id(p)])
+        return
+    for p in engine.module.parameters():
+        if id(p) in fp32_weights and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")):
+            safe_set_full_fp32_param(p, fp32_weights[id(p)])
 
 
 # ---- resuming at another data-parallel size (universal checkpoints) -----------------------

@@ -4,14 +4,14 @@ so the ranks would train independently. Each transformer block is one FSDP unit.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from zerokit.backends import resolve_precision
-from zerokit.backends.dcp import DCPState
+from zerokit.backends.loss_scaling import LossScaledDCP
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.models import block_classes
@@ -20,7 +20,10 @@ from zerokit.optim import build_adamw
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class FSDPBackend(DCPState):
+class FSDPBackend(LossScaledDCP):
+    """The sharded parameters (the optimizer's masters) and their optimizer state stay fp32. Under
+    bf16/fp16 the mixed-precision policy gathers 16-bit copies for compute, and gradients are
+    reduce-scattered and accumulated (`to_accumulated_grad_if_needed`, no-sync micro-batches) in fp32."""
     name = "fsdp"
 
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, strategy: str, offload: bool):
@@ -28,8 +31,6 @@ class FSDPBackend(DCPState):
             raise UsageError(f"fsdp must be none, full_shard or shard_grad_op, not '{strategy}'")
         self.info = info
         self.precision = resolve_precision(train.precision, info.device)
-        if self.precision == "fp16":
-            raise UsageError("fsdp with train.precision=fp16 is not supported (no sharded loss scaler); use bf16 or fp32")
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision], reduce_dtype=torch.float32) \
             if self.precision in _DTYPES else MixedPrecisionPolicy()
@@ -49,6 +50,8 @@ class FSDPBackend(DCPState):
             self.model = torch.compile(model)
         self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
         self.grad_clip = train.grad_clip
+        # fp16: dynamic loss scaling whose inf check is all-reduced, so every rank skips the same steps.
+        self.scaler = ShardedGradScaler(info.device.type, enabled=self.precision == "fp16")
 
     def autocast(self):
         # The engine casts weights itself (bf16/fp16 sections, or the mixed-precision policy).
@@ -58,12 +61,3 @@ class FSDPBackend(DCPState):
         self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, sync: bool) -> None:
-        loss.backward()
-
-    def step(self) -> torch.Tensor:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from zerokit.backends import resolve_precision
-from zerokit.backends.dcp import DCPState
+from zerokit.backends.loss_scaling import LossScaledDCP
 from zerokit.dist import DistInfo
 from zerokit.optim import build_adamw
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PlainBackend(DCPState):
+class PlainBackend(LossScaledDCP):
+    """Weights, gradients (accumulated and all-reduced by DDP) and optimizer state stay fp32; bf16/fp16
+    only inside autocast's matmuls."""
     name = "plain"
 
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, find_unused_parameters: bool = False):
@@ -44,14 +45,3 @@ class PlainBackend(DCPState):
             stack.enter_context(self.model.no_sync())
         return stack
 
-    def backward(self, loss: torch.Tensor, sync: bool) -> None:
-        self.scaler.scale(loss).backward()
-
-    def step(self) -> torch.Tensor:
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
