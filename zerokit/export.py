@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from zerokit.backends.deepspeed import load_deepspeed_file
 from zerokit.errors import UsageError
 
 SPEC_FILE, PEFT_DIR = "export.json", "peft"
@@ -110,7 +111,7 @@ def deepspeed_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"{tag_dir} holds no DeepSpeed model states; pass a complete checkpoint folder")
     # ZeRO-0 keeps the module (in the training dtype) in the model-states file, and under bf16/fp16 the
     # fp32 masters in the optimizer state, in optimizer order and without names.
-    state = torch.load(states, map_location="cpu", weights_only=False)
+    state = load_deepspeed_file(states)
     weights = {k: v.float() for k, v in state["module"].items()}
     opt = state.get("optimizer") or {}
     if "fp32_groups" in opt or "fp32_groups_flat" in opt:
@@ -123,7 +124,7 @@ def is_bf16_optimizer(tag_dir: Path) -> bool:
     first = sorted(tag_dir.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     if not first:
         return False
-    opt = torch.load(first[0], map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+    opt = load_deepspeed_file(first[0], mmap=True)["optimizer_state_dict"]
     return "zero_stage" not in opt and "param_slice_mappings" in opt
 
 
@@ -132,14 +133,14 @@ def bf16_optimizer_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     zero stage, which zero_to_fp32 refuses; it does save, per rank and group, where each parameter's
     piece lies in its fp32 partition. A parameter's pieces, in rank order, are the whole master."""
     import re
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = load_deepspeed_file(tag_dir / "mp_rank_00_model_states.pt")
     weights = {k: v.float() for k, v in state["module"].items()}  # buffers and frozen parameters
     shapes = {n: shape for group in state["param_shapes"] for n, shape in group.items()}
     files = sorted(tag_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
                    key=lambda f: int(re.search(r"rank_(\d+)_mp", f.name).group(1)))
     pieces: dict[str, list[torch.Tensor]] = {}
     for f in files:
-        opt = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        opt = load_deepspeed_file(f)["optimizer_state_dict"]
         for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"]):
             for name, frag in mapping.items():
                 pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))

@@ -21,6 +21,16 @@ from zerokit.locks import exclusive
 from zerokit.optim import build_adamw, set_lr
 
 
+def load_deepspeed_file(path: str | Path, **kwargs):
+    """torch.load of a file DeepSpeed wrote, with weights_only=True: besides tensors and plain containers
+    DeepSpeed pickles only these classes, allowed by name, so no other pickled code can run."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
 def load_ds_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -260,8 +270,7 @@ def repair_zero3_universal_load(optimizer: torch.optim.Optimizer, universal_dir:
       norms) would be decayed: each group gets its own saved values back;
     - it gives every sub-group the *same* `step` tensor, which foreach AdamW increments in place once
       per sub-group, so bias correction runs ahead: each state gets its own copy."""
-    saved = torch.load(Path(universal_dir) / "zero" / "optimizer_state.pt", map_location="cpu",
-                       weights_only=True)["param_groups"]
+    saved = load_deepspeed_file(Path(universal_dir) / "zero" / "optimizer_state.pt")["param_groups"]
     if len(saved) != len(optimizer.param_groups):
         raise RuntimeError(f"{universal_dir}: {len(saved)} optimizer param groups saved, {len(optimizer.param_groups)} now")
     for group, saved_group in zip(optimizer.param_groups, saved):
