@@ -49,6 +49,7 @@ class FSDPBackend(DCPState):
             self.model = torch.compile(model)
         self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
         self.grad_clip = train.grad_clip
+        self.skipped_updates = 0  # no loss scaler: the engine never skips an update by itself
 
     def autocast(self):
         # The engine casts weights itself (bf16/fp16 sections, or the mixed-precision policy).
@@ -67,3 +68,8 @@ class FSDPBackend(DCPState):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def skip_step(self) -> bool:
+        """Drop this window's gradients without an update (train.nonfinite=skip)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return True

@@ -31,6 +31,7 @@ class PlainBackend(DCPState):
         self.grad_clip = train.grad_clip
         # fp16 needs dynamic loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+        self.skipped_updates = 0  # steps the loss scaler skipped (fp16 overflow)
 
     def autocast(self):
         return torch.autocast(self.info.device.type, dtype=_DTYPES[self.precision]) \
@@ -51,7 +52,15 @@ class PlainBackend(DCPState):
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:  # inf/NaN scaled gradients: the scaler skipped
+            self.skipped_updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def skip_step(self) -> bool:
+        """Drop this window's gradients without an update (train.nonfinite=skip)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
