@@ -19,7 +19,7 @@ def test_overrides_are_typed_and_nested():
 
 
 def test_int_default_accepts_only_ints():
-    with pytest.raises(UsageError, match="train.max_steps.*expects a int"):
+    with pytest.raises(UsageError, match="train.max_steps.*expects an int"):
         load_config(DEFAULTS, ["train.max_steps=lots"])
 
 

@@ -88,7 +88,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         return str(value)
     elif isinstance(default, (list, dict)) and isinstance(value, type(default)):
         return value
-    raise UsageError(f"config key '{key}' expects a {type(default).__name__} (default {default!r}), got {value!r}")
+    kind = {"bool": "a bool (true/false)", "int": "an int", "float": "a number", "list": "a list", "dict": "a mapping"}
+    raise UsageError(f"config key '{key}' expects {kind.get(type(default).__name__, type(default).__name__)}, got {value!r}; "
+                     f"set e.g. {key}={yaml.safe_dump(default, default_flow_style=True).split(chr(10))[0]}")
 
 
 def merge(base: dict, updates: dict, prefix: str = "", root: dict | None = None) -> None:
@@ -258,8 +260,25 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
         from zerokit.backends.deepspeed import load_ds_json
         path = deepspeed_config_path(cfg.get("ds_config"))
         if path:
-            load_ds_json(path)  # structure and stage now; values against the run when the engine is built
+            _check_ds_config(load_ds_json(path), cfg.train)
+    resume = cfg.get("resume")
+    if resume not in (None, "auto", "none"):
+        from zerokit.checkpoint import resolve_resume
+        resolve_resume(resume, Path(run_dir or "."))
     _check_pretrained(cfg, defaults)
+
+
+def _check_ds_config(ds: dict, train) -> None:
+    """The JSON's values against the run, as the engine will resolve them, before anything is built.
+    A null train.lr (fine-tuning's lr_auto) is only known later, so a JSON optimizer waits for the engine."""
+    if train.get("lr") is None and "optimizer" in ds:
+        return
+    import torch
+
+    from zerokit.backends import resolve_precision
+    from zerokit.backends.deepspeed import resolve_ds_config
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_ds_config(ds, train, int(os.environ.get("WORLD_SIZE", "1")), None, resolve_precision(train.precision, device))
 
 
 def _check_pretrained(cfg: Config, defaults: Config) -> None:
