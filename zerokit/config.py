@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v  # v == v: not NaN
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int(lo: int, hi: int | None = None, null: bool = False):
@@ -192,7 +193,8 @@ def _betas():
 
 
 def _threads():
-    return (lambda v: v == "auto" or _is_int(v) and v >= 1), "auto or an integer >= 1"
+    # The default is the string auto, so a number given on the command line arrives as text.
+    return (lambda v: v == "auto" or str(v).isdigit() and int(v) >= 1), "auto or an integer >= 1"
 
 
 def _presets():
