@@ -91,7 +91,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         return value
     kind = {"bool": "a bool (true/false)", "int": "an int", "float": "a number", "list": "a list", "dict": "a mapping"}
     raise UsageError(f"config key '{key}' expects {kind.get(type(default).__name__, type(default).__name__)}, got {value!r}; "
-                     f"set e.g. {key}={yaml.safe_dump(default, default_flow_style=True).split(chr(10))[0]}")
+                     f"set e.g. {key}={_show(default)}")
 
 
 def merge(base: dict, updates: dict, prefix: str = "", root: dict | None = None) -> None:
@@ -162,8 +162,8 @@ def _int(lo: int, hi: int | None = None, null: bool = False):
 
 
 def _num(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True, null: bool = False):
-    left, right = ">" if lo_open else ">=", "<" if hi_open else "<="
-    what = f"a number {left} {lo}" + (f" and {right} {hi}" if hi is not None else "") + (" or null" if null else "")
+    what = (f"a number {'>' if lo_open else '>='} {lo}" if hi is None else
+            f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}") + (" or null" if null else "")
 
     def ok(v):
         if null and v is None:
@@ -189,7 +189,7 @@ def _comma_subset(*options):
 
 def _betas():
     return (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)), \
-        "two numbers in [0, 1), e.g. [0.9, 0.99]"
+        "two numbers in [0, 1)"
 
 
 def _threads():
@@ -229,6 +229,11 @@ RULES = {
 }
 
 
+def _show(value) -> str:
+    """A value as it would be typed after key= (YAML flow style; '' for an empty string)."""
+    return yaml.safe_dump(value, default_flow_style=True).split("\n")[0] if value != "" else "''"
+
+
 def _lookup(cfg: dict, key: str):
     node = cfg
     for part in key.split("."):
@@ -251,9 +256,9 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
             continue
         what = what() if callable(what) else what
         example = _lookup(defaults, key)
-        fix = f"e.g. {key}={yaml.safe_dump(example, default_flow_style=True).strip().removesuffix('...').strip()}" \
-            if example is not _MISSING and example is not None and ok(example) else f"give {what}"
-        raise UsageError(f"{key}={value!r} is not allowed: it must be {what}; set {fix}")
+        fix = f"set e.g. {key}={_show(example)}" if example is not _MISSING and example is not None and ok(example) \
+            else f"give {what}"
+        raise UsageError(f"{key}={_show(value)} is not {what}; {fix}")
     run_dir = cfg.get("run_dir")
     if run_dir and Path(run_dir).expanduser().exists() and not Path(run_dir).expanduser().is_dir():
         raise UsageError(f"run_dir={run_dir} is a file, not a folder; set run_dir to a new or existing folder")
