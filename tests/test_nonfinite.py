@@ -91,7 +91,12 @@ def test_skip_drops_exactly_that_update(tmp_path, cache):
     check_skip(tmp_path, cache, "plain", nproc=1, poison_rank=0)
 
 
-def test_stop_keeps_the_last_good_state(tmp_path, cache):
+def test_stop_names_the_step_parameter_and_data_position(tmp_path, cache):
+    check_stop(tmp_path, cache, "plain", nproc=1, poison_rank=0)
+
+
+@pytest.mark.slow
+def test_stop_checkpoint_resumes_like_a_clean_run(tmp_path, cache):
     """The checkpoint written at the stop is the state before the bad step: resumed (without the
     poison) it finishes with exactly the weights of a run that never met the poison."""
     run_dir = check_stop(tmp_path, cache, "plain", nproc=1, poison_rank=0)
