@@ -109,6 +109,10 @@ CASES = [
     case("pretrain-pretrained-block-size", "pretrain",
          ["model.name_or_path={ckpt}/model", "data.tokenizer={ckpt}/model", "data.block_size=64"],
          ["data.block_size=64 exceeds the context", "set data.block_size=32 or less"]),
+    case("pretrain-pretrained-vocab-too-big", "pretrain", ["model.name_or_path={tmp}/m", "data.tokenizer={ckpt}/model"],
+         ["the tokenizer has 512 tokens", "embeddings for 300", "use the model's own tokenizer"],
+         {"m/config.json": json.dumps({"model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 64,
+                                       "n_layer": 2, "n_head": 2})}),
     # every zerokit command
     case("export-missing", "cli", ["export", "{tmp}/nope", "{tmp}/out"], ["nope/model/config.json missing", "pass a checkpoint"]),
     case("export-not-checkpoint", "cli", ["export", "{run}", "{tmp}/out"], ["run/model/config.json missing", "pass a checkpoint"]),
@@ -183,6 +187,7 @@ def test_malformed_input_fails_cleanly(target, args, expect, files, subprocess, 
     before = tree_hash(run_dir)
     for name, content in files.items():
         path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         if content is None:
             path.mkdir(parents=True)
         elif isinstance(content, bytes):

@@ -20,7 +20,9 @@ WORKER = REPO / "tests" / "nonfinite_worker.py"
 STEPS, BAD = 5, 3  # the poisoned step (1-based)
 # Constant lr (the cosine floor is the peak): a run that skips step k then matches one without batch k.
 FLAT = ["train.warmup_steps=0", "train.lr=1e-3", "train.min_lr=1e-3", f"train.max_steps={STEPS}"]
-ENGINES = {"plain": [], "deepspeed-zero2": ["ds_config=ds_configs/zero2.json"], "fsdp": ["fsdp=full_shard"]}
+ENGINES = {"plain": [], "deepspeed-zero0": ["ds_config=ds_configs/zero0.json"],
+           "deepspeed-zero2": ["ds_config=ds_configs/zero2.json"], "deepspeed-zero3": ["ds_config=ds_configs/zero3.json"],
+           "fsdp": ["fsdp=full_shard"]}
 
 
 def _reject(constant):
@@ -132,7 +134,7 @@ def test_metrics_lines_are_strict_json(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["deepspeed-zero2", "fsdp"])
+@pytest.mark.parametrize("engine", ["deepspeed-zero0", "deepspeed-zero2", "deepspeed-zero3", "fsdp"])
 def test_two_ranks_skip_agree(tmp_path, cache, engine):
     """Only rank 1's loss is poisoned: both ranks skip the same update (rank 0, which logs, saw a finite loss)."""
     check_skip(tmp_path, cache, engine, nproc=2, poison_rank=1)
