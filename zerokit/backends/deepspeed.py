@@ -138,13 +138,20 @@ class DeepSpeedBackend:
     def skip_step(self) -> bool:
         """Drop this window's gradients without an update (train.nonfinite=skip); True if none was applied.
         ZeRO and DeepSpeed's bf16/fp16 optimizers refuse a non-finite update themselves; without them the
-        engine steps the torch optimizer, which leaves parameters without a gradient alone."""
-        plain_optimizer = not self.engine.zero_optimization() and self.precision == "fp32"
-        if plain_optimizer:
-            for p in self.module.parameters():
-                p.grad = None
-        self.engine.step()
-        return plain_optimizer or not self.engine.was_step_applied()
+        engine steps the torch optimizer, which leaves parameters without a gradient alone (the step still
+        runs, so the engine's micro-step count stays aligned with the accumulation windows)."""
+        if self.engine.zero_optimization() or self.precision != "fp32":
+            self.engine.step()
+            return not self.engine.was_step_applied()
+        for p in self.module.parameters():
+            p.grad = None
+        config = self.engine._config
+        clip, config.gradient_clipping = config.gradient_clipping, 0.0  # its clipping needs a gradient
+        try:
+            self.engine.step()
+        finally:
+            config.gradient_clipping = clip
+        return True
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
