@@ -101,7 +101,7 @@ def test_model_dropout_sets_every_layer_but_lora(tiny):
         assert {p for n, p in ps.items() if "lora_dropout" not in n} == {value}
         model.train()  # LoRA's B starts at zero, so only the base's dropout can make two passes differ
         assert torch.equal(model(**x).logits, model(**x).logits) == (value == 0.0)
-    with pytest.raises(UsageError, match=r"model.dropout must be in \[0, 1\)"):
+    with pytest.raises(UsageError, match=r"model.dropout=1.5 is not a number in \[0, 1\)"):  # config.RULES
         build_model(load_config(SENT_YAML, ["model.dropout=1.5"]), str(tiny["bert"]), "seq_cls", tok)
 
 

@@ -2,17 +2,23 @@
 
 The YAML next to each recipe holds every default, each explained on its own line.
 Overrides use dotted keys (`train.lr=3e-4`); values are parsed as YAML scalars.
-Unknown keys, malformed YAML and values of the wrong type are `UsageError`s.
+Unknown keys, malformed YAML, values of the wrong type and values out of range (RULES, the one
+table of what each setting may be) are `UsageError`s, raised before any process group or model exists.
 """
 from __future__ import annotations
 
 import difflib
+import logging
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from zerokit.errors import UsageError
+
+log = logging.getLogger("zerokit")
 
 
 class Config(dict):
@@ -83,7 +89,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         return str(value)
     elif isinstance(default, (list, dict)) and isinstance(value, type(default)):
         return value
-    raise UsageError(f"config key '{key}' expects a {type(default).__name__} (default {default!r}), got {value!r}")
+    kind = {"bool": "a bool (true/false)", "int": "an int", "float": "a number", "list": "a list", "dict": "a mapping"}
+    raise UsageError(f"config key '{key}' expects {kind.get(type(default).__name__, type(default).__name__)}, got {value!r}; "
+                     f"set e.g. {key}={_show(default)}")
 
 
 def merge(base: dict, updates: dict, prefix: str = "", root: dict | None = None) -> None:
@@ -131,8 +139,167 @@ def load_config(defaults_path: str | Path, overrides: list[str], config_path: st
             merge(cfg, user)
         except UsageError as e:
             raise UsageError(f"{config_path}: {e}") from None
+    defaults = _wrap(load_yaml(defaults_path))
     merge(cfg, parse_overrides(overrides))
-    return _wrap(cfg)
+    cfg = _wrap(cfg)
+    validate(cfg, defaults)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- value rules
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(lo: int, hi: int | None = None, null: bool = False):
+    what = f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "") + (" or null" if null else "")
+    return (lambda v: (null and v is None) or (_is_int(v) and v >= lo and (hi is None or v <= hi))), what
+
+
+def _num(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True, null: bool = False):
+    what = (f"a number {'>' if lo_open else '>='} {lo}" if hi is None else
+            f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}") + (" or null" if null else "")
+
+    def ok(v):
+        if null and v is None:
+            return True
+        if isinstance(v, str):  # keys whose default is null take raw YAML; YAML 1.1 reads 3e-4 as a string
+            try:
+                v = float(v)
+            except ValueError:
+                return False
+        return _is_num(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    return ok, what
+
+
+def _choice(*options):
+    return (lambda v: v in options), "one of " + ", ".join(map(str, options))
+
+
+def _comma_subset(*options):
+    def ok(v):
+        return v is None or isinstance(v, str) and all(t.strip() in options for t in v.split(",") if t.strip())
+    return ok, "a comma list of " + ", ".join(options)
+
+
+def _betas():
+    return (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)), \
+        "two numbers in [0, 1)"
+
+
+def _threads():
+    # The default is the string auto, so a number given on the command line arrives as text.
+    return (lambda v: v == "auto" or str(v).isdigit() and int(v) >= 1), "auto or an integer >= 1"
+
+
+def _presets():
+    def names():  # imported on use: the recipe with a model.preset has loaded zerokit.models already
+        from zerokit.models import PRESETS
+        return list(PRESETS)
+    return (lambda v: v in names()), lambda: "one of " + ", ".join(names())
+
+
+# Every setting with a restricted range, in one place. A recipe's keys that appear here are checked
+# after each merge (defaults, --config, key=value); keys a recipe lacks are skipped.
+RULES = {
+    "train.max_steps": _int(0), "train.epochs": _num(0, null=True),
+    "train.micro_batch_size": _int(1), "train.grad_accum": _int(1), "train.seed": _int(0),
+    "train.lr": _num(0, lo_open=True, null=True), "train.min_lr": _num(0), "train.warmup_steps": _int(0),
+    "train.weight_decay": _num(0), "train.betas": _betas(), "train.eps": _num(0, lo_open=True),
+    "train.grad_clip": _num(0), "train.precision": _choice("auto", "fp32", "bf16", "fp16"),
+    "train.eval_every": _int(0), "train.log_every": _int(1), "train.checkpoint_every": _int(0),
+    "train.checkpoint_every_minutes": _num(0), "train.keep_checkpoints": _int(0),
+    "train.peak_tflops": _num(0, lo_open=True, null=True), "train.cpu_threads": _threads(),
+    "train.dist_timeout_s": _num(0, lo_open=True), "train.nonfinite": _choice("stop", "skip"),
+    "data.vocab_size": _int(258), "data.block_size": _int(1), "data.val_fraction": _num(0, 1, lo_open=True),
+    "data.eval_batches": _int(0), "data.max_length": _int(1), "data.max_target_length": _int(1),
+    "data.num_labels": _int(2), "data.eval_batch_size": _int(1),
+    "eval.strategy": _choice("greedy", "beam"), "eval.num_beams": _int(1), "eval.max_new_tokens": _int(1),
+    "eval.batch_size": _int(1), "eval.max_samples": _int(1, null=True),
+    "model.preset": _presets(), "model.dropout": _num(0, 1, null=True),
+    "lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1),
+    "fsdp": _choice("none", "full_shard", "shard_grad_op"), "peft": _choice("none", "lora", "qlora"),
+    "report_to": _comma_subset("none", "tensorboard", "wandb"), "prometheus_port": _int(0, 65535),
+    "sample.max_new_tokens": _int(0), "sample.temperature": _num(0, lo_open=True), "sample.top_k": _int(0),
+}
+
+
+def _show(value) -> str:
+    """A value as it would be typed after key= (YAML flow style; '' for an empty string)."""
+    return yaml.safe_dump(value, default_flow_style=True).split("\n")[0] if value != "" else "''"
+
+
+def _lookup(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def validate(cfg: Config, defaults: Config | None = None) -> None:
+    """Check every value against RULES, then the paths and cross-setting constraints a run needs before it
+    starts (run_dir, the DeepSpeed JSON, a pretrained model's tokenizer). Raises UsageError naming the fix."""
+    defaults = defaults or Config()
+    for key, (ok, what) in RULES.items():
+        value = _lookup(cfg, key)
+        if value is _MISSING or ok(value):
+            continue
+        what = what() if callable(what) else what
+        example = _lookup(defaults, key)
+        fix = f"set e.g. {key}={_show(example)}" if example is not _MISSING and example is not None and ok(example) \
+            else f"give {what}"
+        raise UsageError(f"{key}={_show(value)} is not {what}; {fix}")
+    run_dir = cfg.get("run_dir")
+    if run_dir and Path(run_dir).expanduser().exists() and not Path(run_dir).expanduser().is_dir():
+        raise UsageError(f"run_dir={run_dir} is a file, not a folder; set run_dir to a new or existing folder")
+    if cfg.get("ds_config") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from zerokit.backends import deepspeed_config_path
+        from zerokit.backends.deepspeed import load_ds_json
+        path = deepspeed_config_path(cfg.get("ds_config"))
+        if path:
+            _check_ds_config(load_ds_json(path), cfg.train)
+    resume = cfg.get("resume")
+    if resume not in (None, "auto", "none"):
+        from zerokit.checkpoint import resolve_resume
+        resolve_resume(resume, Path(run_dir or "."))
+    _check_pretrained(cfg, defaults)
+
+
+def _check_ds_config(ds: dict, train) -> None:
+    """The JSON's values against the run, as the engine will resolve them, before anything is built.
+    A null train.lr (fine-tuning's lr_auto) is only known later, so a JSON optimizer waits for the engine."""
+    if train.get("lr") is None and "optimizer" in ds:
+        return
+    import torch
+
+    from zerokit.backends import resolve_precision
+    from zerokit.backends.deepspeed import resolve_ds_config
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_ds_config(ds, train, int(os.environ.get("WORLD_SIZE", "1")), None, resolve_precision(train.precision, device))
+
+
+def _check_pretrained(cfg: Config, defaults: Config) -> None:
+    """A pretrained model.name_or_path brings its vocabulary: a tokenizer trained here would not match it."""
+    name, tokenizer = _lookup(cfg, "model.name_or_path"), _lookup(cfg, "data.tokenizer")
+    if tokenizer is _MISSING:
+        return
+    if name and tokenizer == "train":
+        raise UsageError(f"model.name_or_path={name} needs its own tokenizer, but data.tokenizer=train would train a "
+                         f"new vocabulary its weights do not know; set data.tokenizer={name}")
+    vocab, default_vocab = _lookup(cfg, "data.vocab_size"), _lookup(defaults, "data.vocab_size")
+    if tokenizer != "train" and vocab is not _MISSING and vocab != default_vocab:
+        log.warning("data.vocab_size=%s is ignored: it sizes a tokenizer trained on the corpus, and "
+                    "data.tokenizer=%s brings its own vocabulary", vocab, tokenizer)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -299,6 +299,10 @@ def slurm_main(argv: list[str]) -> int:
         spec = spec_from_args(ns)
         script = render(spec)
         if not Path(spec.recipe).is_file():
+            if not (REPO / spec.recipe).is_file():  # a typo, not a script to be found on the cluster
+                known = ", ".join(str(p.relative_to(REPO)) for p in sorted((REPO / "recipes").glob("*.py")))
+                raise UsageError(f"recipe {spec.recipe} not found here ({Path.cwd()}) nor in the zerokit checkout "
+                                 f"{REPO}; name one of {known}")
             if ns.submit:
                 raise UsageError(f"{spec.recipe} not found here ({Path.cwd()}): submit from the zerokit checkout")
             print(f"zerokit slurm: note: {spec.recipe} is not in {Path.cwd()}; submit the script from a "

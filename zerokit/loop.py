@@ -18,6 +18,7 @@ import torch
 from zerokit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from zerokit.dist import DistInfo, all_gather_objects, all_reduce_sum
 from zerokit.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar, system_stats
+from zerokit.nonfinite import NonFiniteGuard, NonFiniteStep
 from zerokit.optim import lr_at
 
 log = logging.getLogger("zerokit")
@@ -52,9 +53,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(backend, task, window: list[dict], info: DistInfo, lr: float):
+def train_step(backend, task, window: list[dict], info: DistInfo, lr: float, guard: NonFiniteGuard | None = None):
     """One optimizer step over an accumulation window of micro-batches. Returns this rank's
-    summed loss, the window's target count over all ranks, and the gradient norm (tensors)."""
+    summed loss, the window's target count over all ranks, and the gradient norm (tensors).
+    With a `guard`, a non-finite loss or gradient is found before the update (zerokit/nonfinite.py):
+    skipped (zero loss and targets, no norm returned) or raised as NonFiniteStep."""
     # Normalise by the target count of the whole window on all ranks: accumulation and padding exact.
     window_targets = all_reduce_sum(sum(num_targets(mb) for mb in window).to(info.device, torch.float64))
     backend.set_lr(lr)
@@ -66,7 +69,16 @@ def train_step(backend, task, window: list[dict], info: DistInfo, lr: float):
             loss_sum, _ = task.loss(backend.model, micro)
             backend.backward(loss_sum * (info.world_size / window_targets), sync)
         total += loss_sum.detach()
-    return total, window_targets, backend.step()
+    if guard is None:
+        return total, window_targets, backend.step()
+    bad = guard.check(backend, total)
+    if bad:
+        guard.handle(backend, bad)
+        return torch.zeros_like(total), torch.zeros_like(window_targets), None
+    engine_skips = backend.skipped_updates
+    grad_norm = backend.step()
+    guard.after_step(backend, engine_skips)
+    return total, window_targets, grad_norm
 
 
 def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_extras=None) -> dict:
@@ -106,10 +118,19 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     eval_metrics: dict = {}
     preempted = False
     backend.module.train()
+    guard = NonFiniteGuard(t.get("nonfinite", "stop"), info.is_main)
     while step < t.max_steps:
+        data_position = loader.state_dict()
         window = loader.next_window()
         lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr=t.min_lr)
-        loss_sum, window_targets, grad_norm = train_step(backend, task, window, info, lr)
+        try:
+            loss_sum, window_targets, grad_norm = train_step(backend, task, window, info, lr, guard)
+        except NonFiniteStep as bad:  # nothing of this step was applied: save the state before it, then stop
+            loader.load_state_dict(data_position)
+            logger.log({"step": step + 1, "nonfinite": bad.what, "parameter": bad.parameter, **guard.counts()})
+            bar.close()
+            logger.close()
+            raise bad.diagnosis(step + 1, data_position, checkpoint(step)) from None
         interval[0] += loss_sum
         interval[1] += sum(num_inputs(mb) for mb in window)
         step += 1
@@ -127,11 +148,12 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
             tokens_seen += int(n_inputs)
             train_seconds += interval_time
             tok_s = n_inputs / interval_time
-            record = {"step": step, "loss": loss_sum / float(interval_targets), "lr": backend_lr(backend),
+            targets = float(interval_targets)  # 0 when every step of the interval was skipped (NaN is logged as null)
+            record = {"step": step, "loss": loss_sum / targets if targets else float("nan"), "lr": backend_lr(backend),
                       "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tok_s,
                       "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),
                       "peak_mem_mb_per_rank": [round(r["peak_mem_mb"], 1) for r in ranks],
-                      "tokens_seen": tokens_seen, **system_stats(info.device)}
+                      "tokens_seen": tokens_seen, **guard.counts(), **system_stats(info.device)}
             if peak and flops_per_tok:
                 record["mfu"] = flops_per_tok * tok_s / (peak * info.world_size)
             logger.log(record)
@@ -167,7 +189,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     peak_mb = max(all_gather_objects(peak_memory_mb(info.device)))
     summary = {**eval_metrics, "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
                "tokens_per_s": tokens_seen / train_seconds if train_seconds else None, "peak_mem_mb": peak_mb,
-               "world_size": info.world_size, "backend": backend.name}
+               "world_size": info.world_size, "backend": backend.name, **guard.counts()}
     if peak and flops_per_tok and summary["tokens_per_s"]:
         summary["mfu"] = flops_per_tok * summary["tokens_per_s"] / (peak * info.world_size)
     if info.is_main:

@@ -3,6 +3,7 @@ TensorBoard, W&B) behind one `MetricsLogger`. Every number a user sees is comput
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import secrets
@@ -79,6 +80,22 @@ def system_stats(device: torch.device) -> dict:
     return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
+def finite_or_none(value):
+    """`value` with every NaN/inf float (in nested dicts and lists too) replaced by None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(record: dict, **kw) -> str:
+    """Strict JSON (never bare NaN or Infinity, which json.loads elsewhere rejects): non-finite numbers are null."""
+    return json.dumps(finite_or_none(record), allow_nan=False, **kw)
+
+
 class MetricsLogger:
     """metrics.jsonl always; TensorBoard and W&B when named in `report_to` (rank 0 only)."""
 
@@ -118,7 +135,8 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        record = finite_or_none(record)
+        self.file.write(json_line(record) + "\n")
         self.file.flush()
         step = record.get("step", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}

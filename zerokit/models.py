@@ -66,11 +66,43 @@ def model_config(preset_or_path: str, vocab_size: int | None = None, block_size:
             cfg.n_positions = block_size
         else:
             cfg.max_position_embeddings = block_size
-    if dropout is not None and cfg.model_type == "gpt2":
-        cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = dropout
-    elif dropout is not None:
-        cfg.attention_dropout = dropout
+    if dropout is not None:
+        set_config_dropout(cfg, dropout)
     return cfg
+
+
+def set_config_dropout(cfg: PretrainedConfig, p: float) -> list[str]:
+    """Every dropout probability of an HF config (GPT-2's *_pdrop, Llama's attention_dropout, BERT's
+    *_dropout_prob ...) set to `p`; returns the names set. Read when the model is built from it."""
+    names = sorted(k for k, v in cfg.to_dict().items() if ("dropout" in k or k.endswith("pdrop")) and isinstance(v, float))
+    for k in names:
+        setattr(cfg, k, p)
+    return names
+
+
+def context_length(cfg: PretrainedConfig) -> int | None:
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def load_pretrained_causal_lm(name_or_path: str, vocab_size: int | None, block_size: int | None,
+                              dropout: float | None) -> torch.nn.Module:
+    """A pretrained causal LM for continued pre-training, held to the run's settings: its dropout set to
+    `dropout`, an error if the run's context (`block_size`) or vocabulary (`vocab_size`, the tokenizer's
+    length) does not fit the weights."""
+    if not Path(name_or_path).exists() and "/" not in name_or_path:
+        raise UsageError(f"model.name_or_path '{name_or_path}' is neither a local directory nor a hub name (org/model)")
+    cfg = model_config(name_or_path)
+    ctx = context_length(cfg)
+    if block_size and ctx and block_size > ctx:
+        raise UsageError(f"data.block_size={block_size} exceeds the context of {name_or_path} ({ctx} positions); "
+                         f"set data.block_size={ctx} or less")
+    rows = getattr(cfg, "vocab_size", None)
+    if vocab_size and rows and vocab_size > rows:
+        raise UsageError(f"the tokenizer has {vocab_size} tokens but {name_or_path} has embeddings for {rows}; "
+                         f"use the model's own tokenizer (data.tokenizer={name_or_path})")
+    if dropout is not None:
+        set_config_dropout(cfg, dropout)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, config=cfg, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: int | None, block_size: int | None,
@@ -78,9 +110,7 @@ def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: in
                     eos_token_id: int | None = None) -> torch.nn.Module:
     """Random-init a preset (deterministic under `seed`) or load pretrained weights."""
     if name_or_path:
-        if not Path(name_or_path).exists() and "/" not in name_or_path:
-            raise UsageError(f"model.name_or_path '{name_or_path}' is neither a local directory nor a hub name (org/model)")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", dtype=torch.float32)
+        model = load_pretrained_causal_lm(name_or_path, vocab_size, block_size, dropout)
     else:
         if preset not in PRESETS:
             raise UsageError(f"unknown model.preset '{preset}'; choose one of {', '.join(PRESETS)} or set model.name_or_path")

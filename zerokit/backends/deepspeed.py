@@ -36,9 +36,24 @@ def load_ds_json(path: str | Path) -> dict:
     if not path.is_file():
         raise UsageError(f"DeepSpeed config not found: {path}; pass an existing JSON, e.g. ds_config=ds_configs/zero2.json")
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UsageError(f"malformed DeepSpeed JSON {path} (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        raise UsageError(f"malformed DeepSpeed JSON {path} (line {e.lineno}, column {e.colno}): {e.msg}; "
+                         "fix the file's syntax") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"DeepSpeed config {path} is not UTF-8 text; pass a JSON file, e.g. ds_configs/zero2.json") from None
+    if not isinstance(ds, dict):
+        raise UsageError(f"DeepSpeed config {path} holds a JSON {type(ds).__name__}, not an object of settings; "
+                         "write it as {\"zero_optimization\": {\"stage\": 2}, ...} (see ds_configs/)")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UsageError(f"DeepSpeed config {path}: zero_optimization must be an object, not {zero!r}; "
+                         "write e.g. \"zero_optimization\": {\"stage\": 2}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise UsageError(f"DeepSpeed config {path}: zero_optimization.stage={stage!r} is not a ZeRO stage; "
+                         "set it to 0, 1, 2 or 3")
+    return ds
 
 
 def _fill(section: dict, key: str, value, where: str, fix: str) -> None:
@@ -172,6 +187,29 @@ class DeepSpeedBackend:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else torch.as_tensor(float(norm))
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates the engine refused: fp16 overflow, or (ZeRO, bf16) a non-finite gradient norm."""
+        return self.engine.skipped_steps
+
+    def skip_step(self) -> bool:
+        """Drop this window's gradients without an update (train.nonfinite=skip); True if none was applied.
+        ZeRO and DeepSpeed's bf16/fp16 optimizers refuse a non-finite update themselves; without them the
+        engine steps the torch optimizer, which leaves parameters without a gradient alone (the step still
+        runs, so the engine's micro-step count stays aligned with the accumulation windows)."""
+        if self.engine.zero_optimization() or self.precision != "fp32":
+            self.engine.step()
+            return not self.engine.was_step_applied()
+        for p in self.module.parameters():
+            p.grad = None
+        config = self.engine._config
+        clip, config.gradient_clipping = config.gradient_clipping, 0.0  # its clipping needs a gradient
+        try:
+            self.engine.step()
+        finally:
+            config.gradient_clipping = clip
+        return True
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)

@@ -52,6 +52,7 @@ class FSDPBackend(LossScaledDCP):
         self.grad_clip = train.grad_clip
         # fp16: dynamic loss scaling whose inf check is all-reduced, so every rank skips the same steps.
         self.scaler = ShardedGradScaler(info.device.type, enabled=self.precision == "fp16")
+        self.skipped_updates = 0  # steps the loss scaler skipped (fp16 overflow)
 
     def autocast(self):
         # The engine casts weights itself (bf16/fp16 sections, or the mixed-precision policy).
@@ -60,4 +61,3 @@ class FSDPBackend(LossScaledDCP):
     def micro_batch(self, sync: bool):
         self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
-

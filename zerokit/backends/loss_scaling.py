@@ -16,7 +16,7 @@ SCALER_FILE = "grad_scaler.json"
 
 class LossScaledDCP(DCPState):
     """Needs `self.module`, `self.optimizer`, `self.scaler` (a GradScaler, enabled for fp16 only),
-    `self.grad_clip` and `self.info`. The scale is the same on every rank (inf checks are all-reduced),
+    `self.grad_clip`, `self.info` and the counter `self.skipped_updates`. The scale is the same on every rank (inf checks are all-reduced),
     so rank 0 writes it once."""
 
     def backward(self, loss: torch.Tensor, sync: bool) -> None:
@@ -26,10 +26,18 @@ class LossScaledDCP(DCPState):
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)  # skipped when a gradient is inf/nan (fp16 overflow)
         self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:  # the scale backs off only after a skip
+            self.skipped_updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def skip_step(self) -> bool:
+        """Drop this window's gradients without an update (train.nonfinite=skip)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def save(self, path) -> None:
         super().save(path)

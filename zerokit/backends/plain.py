@@ -32,6 +32,7 @@ class PlainBackend(LossScaledDCP):
         self.grad_clip = train.grad_clip
         # fp16 needs dynamic loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+        self.skipped_updates = 0  # steps the loss scaler skipped (fp16 overflow)
 
     def autocast(self):
         return torch.autocast(self.info.device.type, dtype=_DTYPES[self.precision]) \
@@ -44,4 +45,3 @@ class PlainBackend(LossScaledDCP):
             # DDP needs forward *and* backward inside no_sync to skip the all-reduce.
             stack.enter_context(self.model.no_sync())
         return stack
-

@@ -104,6 +104,8 @@ def _load_documents(source: str | Path | None, text_field: str) -> tuple[str, li
                 docs.append(data.decode("utf-8"))
             except UnicodeDecodeError as e:
                 raise UsageError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from e
+    if not any(d.strip() for d in docs):
+        raise UsageError(f"corpus {path} is empty (no text in {len(files)} file(s)); point data.corpus at files with text")
     name = "tinyshakespeare" if default else path.name if path.is_dir() else f"{path.parent.name}-{path.stem}"
     return name, docs, h.hexdigest()
 
