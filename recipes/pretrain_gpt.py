@@ -52,7 +52,7 @@ def main(cfg):
         save_config(cfg, run_dir / "config.yaml")
     summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=cfg.data.block_size,
                     write_extras=write_extras)
-    if summary.get("preempted"):
+    if summary.get("preempted") or summary.get("nothing_to_do"):  # the loop said why; nothing to sample
         return backend
     s = cfg.sample
     text = sample_text(backend.module, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, info.world_size)

@@ -248,7 +248,7 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
         save_config(cfg, run_dir / "config.yaml")
     summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=task.max_length,
                     write_extras=write_extras)
-    if summary.get("preempted"):
+    if summary.get("preempted") or summary.get("nothing_to_do"):
         return summary
     export_trained(cfg, backend, info, path, kind, tokenizer, num_labels)
     if info.is_main and on_summary:

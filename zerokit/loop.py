@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from zerokit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from zerokit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_of
 from zerokit.dist import DistInfo, all_gather_objects, all_reduce_sum
+from zerokit.manifest import identity as checkpoint_identity
 from zerokit.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar, system_stats
 from zerokit.optim import lr_at
 
@@ -70,11 +71,20 @@ def train_step(backend, task, window: list[dict], info: DistInfo, lr: float):
 
 
 def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_extras=None) -> dict:
-    """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json)."""
+    """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json), or
+    {"preempted": True, ...} after a stop request, or {"nothing_to_do": True, ...} when the checkpoint
+    resumed from is already at max_steps (then nothing is trained or written)."""
     t = cfg.train
     run_dir = Path(cfg.run_dir)
     step, tokens_seen, train_seconds = 0, 0, 0.0
-    resume_from = resolve_resume(cfg.resume, run_dir)
+    identity = checkpoint_identity(cfg, backend)
+    resume_from = resolve_resume(cfg.resume, run_dir, info, identity)
+    if resume_from and step_of(resume_from) >= t.max_steps:  # a finished run started again: leave it as it is
+        done = step_of(resume_from)
+        if info.is_main:
+            print(f"nothing to do: {run_dir} is at step {done} {'=' if done == t.max_steps else '>'} "
+                  f"train.max_steps={t.max_steps}; raise train.max_steps or pass resume=none", flush=True)
+        return {"nothing_to_do": True, "step": done}
     if resume_from:
         state = load_checkpoint(resume_from, backend, info)
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
@@ -88,7 +98,8 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
 
     def checkpoint(at_step: int) -> Path:
         state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "loader": loader.state_dict()}
-        return save_checkpoint(run_dir, at_step, backend, state, info, keep=t.keep_checkpoints, write_extras=write_extras)
+        return save_checkpoint(run_dir, at_step, backend, state, info, keep=t.keep_checkpoints,
+                               write_extras=write_extras, identity=identity)
 
     def evaluate() -> dict:
         backend.module.eval()
@@ -147,7 +158,8 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
             eval_metrics = evaluate()
             logger.log({"step": step, **eval_metrics})
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        if preempted or time_for_checkpoint or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        if preempted or time_for_checkpoint or step == t.max_steps or \
+                (t.checkpoint_every and step % t.checkpoint_every == 0):  # the last step always: nothing is lost
             checkpoint(step)
             last_ckpt_time = time.time()
         paused += time.perf_counter() - t0
