@@ -22,6 +22,7 @@ Layout of one checkpoint:
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -79,20 +80,12 @@ def resolve_resume(resume: str | None, run_dir: Path, info: DistInfo, identity: 
     `auto`: the newest valid checkpoint of this run; `none`: none; a path: that checkpoint, which must
     be valid. Raises UsageError (on every rank) for an explicit damaged checkpoint or one whose shape
     keys differ from this run's."""
-    root = Path(run_dir) / "checkpoints"
-    if info.is_main:
-        for stale in root.iterdir() if root.is_dir() else []:
-            if _TMP_DIR.match(stale.name) and stale.is_dir():
-                log.info("removing %s: a save that never finished", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-    if not resume or resume == "none":
-        if info.is_main:
-            for old in checkpoints(run_dir):  # else they would outrank this run's checkpoints
-                move_aside(old, "resume=none starts over")
-        barrier()
+    fresh = not resume or resume == "none"
+    candidates = _on_main(info, lambda: _tidy(Path(run_dir), fresh))
+    if fresh:
         return None
     if resume == "auto":
-        chosen = _newest_valid(broadcast_object([str(p) for p in checkpoints(run_dir)] if info.is_main else None), info)
+        chosen = _newest_valid(candidates, info)
     else:
         chosen = Path(resume)
         if not chosen.is_dir():
@@ -100,20 +93,52 @@ def resolve_resume(resume: str | None, run_dir: Path, info: DistInfo, identity: 
                              f"folder, resume=auto or resume=none")
         found = mf.problems(chosen, info)
         if found:
-            raise UsageError(f"resume={resume}: checkpoint is damaged ({'; '.join(found[:3])}); "
+            raise UsageError(f"resume={resume}: not a usable checkpoint ({'; '.join(found[:3])}); "
                              f"resume from another checkpoint or resume=auto")
     if chosen is None:
         return None
-    error = broadcast_object(_compatibility(chosen, identity) if info.is_main else None)
+    error = _on_main(info, lambda: _compatibility(chosen, identity))
     if error:
         raise UsageError(error)
-    if info.is_main and resume != "auto":
-        step = step_of(chosen)
-        for newer in checkpoints(run_dir):
-            if newer.resolve() != chosen.resolve() and int(newer.name.split("_")[1]) > step:
-                move_aside(newer, f"resume={resume} continues from step {step}")
-    barrier()
+    if resume != "auto":
+        _on_main(info, lambda: _abandon_newer(Path(run_dir), chosen, f"resume={resume}"))
     return chosen
+
+
+def _on_main(info: DistInfo, fn):
+    """`fn()` on rank 0, its result on every rank; a file-system error there is a UsageError everywhere."""
+    out = None
+    if info.is_main:
+        try:
+            out = (fn(), None)
+        except OSError as e:
+            out = (None, str(e))
+    result, error = broadcast_object(out)
+    if error:
+        raise UsageError(f"cannot set up the checkpoints folder ({error}); check its permissions and free space")
+    return result
+
+
+def _tidy(run_dir: Path, fresh: bool) -> list[str]:
+    """Remove half-written saves; starting over, move the old checkpoints aside (they would outrank the
+    new run's). Returns the checkpoints left, oldest first."""
+    root = run_dir / "checkpoints"
+    for stale in root.iterdir() if root.is_dir() else []:
+        if _TMP_DIR.match(stale.name) and stale.is_dir():
+            log.info("removing %s: a save that never finished", stale)
+            shutil.rmtree(stale)
+    if fresh:
+        for old in checkpoints(run_dir):
+            move_aside(old, "resume=none starts over")
+    return [str(p) for p in checkpoints(run_dir)]
+
+
+def _abandon_newer(run_dir: Path, chosen: Path, why: str) -> None:
+    """Resuming from an older step: the newer checkpoints of this run_dir belong to the abandoned line."""
+    step = step_of(chosen)
+    for newer in checkpoints(run_dir):
+        if newer.resolve() != chosen.resolve() and int(newer.name[5:]) > step:
+            move_aside(newer, f"{why} continues from step {step}")
 
 
 def _newest_valid(candidates: list[str], info: DistInfo) -> Path | None:
@@ -123,8 +148,8 @@ def _newest_valid(candidates: list[str], info: DistInfo) -> Path | None:
         if not found:
             return path
         if info.is_main:
-            log.warning("checkpoint %s is damaged (%s); falling back to an older one", path, "; ".join(found[:3]))
-            move_aside(path, "damaged")
+            log.warning("checkpoint %s is damaged (%s); passing over it to an older one", path, "; ".join(found[:3]))
+        _on_main(info, lambda: move_aside(path, "damaged"))
     return None
 
 
@@ -217,7 +242,10 @@ def save_checkpoint(run_dir: Path, step: int, backend, trainer_state: dict, info
     for phase in (start, write_state, seal):
         _collectively(phase, info, tmp, step, root)
     if info.is_main:
-        prune(run_dir, keep)
+        try:
+            prune(run_dir, keep)
+        except OSError as e:  # the new checkpoint is in place; an old one staying is no reason to stop
+            log.warning("could not prune old checkpoints in %s: %s", root, e)
     barrier()
     return final
 
@@ -257,7 +285,7 @@ def _write_error(e: BaseException) -> str | None:
         seen += [c for c in (exc.__cause__, exc.__context__) if c is not None]
     for exc in seen:
         if isinstance(exc, OSError):
-            return f"{os.strerror(exc.errno) if exc.errno else exc}" + (f": {exc.filename}" if exc.filename else "")
+            return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         # torch.save's zip writer reports a short write as "unexpected pos" / "file write failed"
         if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("inline_container", "PytorchStreamWriter")):
             return "write failed"
@@ -283,7 +311,8 @@ def _check_free_space(root: Path) -> None:
     need = sum(f["size"] for f in manifest["files"].values())
     free = shutil.disk_usage(root).free
     if free < need:
-        raise OSError(28, f"{free / 2**20:,.1f} MiB free, the last checkpoint took {need / 2**20:,.1f} MiB", str(root))
+        raise OSError(errno.ENOSPC, f"No space left on device for another checkpoint (the last took "
+                                    f"{need / 2**20:,.1f} MiB)", str(root))
 
 
 def _fsync_dir(path: Path) -> None:

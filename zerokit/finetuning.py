@@ -237,15 +237,11 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     # Pre-trained bases carry parts a task never uses (an encoder-decoder's encoder pooler), which DDP
     # refuses unless told; HF Trainer's default too. The cost is one autograd-graph walk per step.
     backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True)
-    run_dir = Path(cfg.run_dir)
 
     def write_extras(ckpt: Path) -> None:
         save_config(cfg, ckpt / "config.yaml")
         tokenizer.save_pretrained(ckpt / "model")
 
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=task.max_length,
                     write_extras=write_extras)
     if summary.get("preempted") or summary.get("nothing_to_do"):
