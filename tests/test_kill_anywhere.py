@@ -73,9 +73,14 @@ def newest(run_dir: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def logged_step(run_dir: Path) -> int:
+def logged_step(run_dir: Path, since_ns: int = 0) -> int:
+    """The last step in metrics.jsonl; 0 if the file was not written since `since_ns` (the lines of an
+    earlier attempt are not this attempt's progress)."""
+    path = run_dir / "metrics.jsonl"
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        if path.stat().st_mtime_ns <= since_ns:
+            return 0
+        lines = path.read_text().splitlines()
     except FileNotFoundError:
         return 0
     return max((json.loads(ln)["step"] for ln in lines if '"loss"' in ln), default=0)
@@ -86,7 +91,9 @@ class Trigger:
     the run resumes from (`start`) so that every kill lies ahead of it."""
 
     def __init__(self, kind: str, rng: random.Random):
-        self.kind, self.u, self.delay = kind, rng.random(), rng.uniform(0.0, 0.25)
+        self.kind, self.u = kind, rng.random()
+        # a gpt-tiny save takes a few tens of ms: short delays land inside it, longer ones just after
+        self.delay = rng.uniform(0.0, 0.08) if kind in ("save", "final_save") else rng.uniform(0.0, 0.25)
         self.after_s = rng.uniform(1.0, 15.0)
 
     def describe(self, start: int) -> str:
@@ -94,10 +101,10 @@ class Trigger:
             return f"{self.after_s:.1f} s after launch"
         if self.kind == "step":
             return f"{self.delay:.2f} s after step {self.step(start)} was logged"
-        return f"{self.delay:.2f} s after step_{self.save(start)}.tmp appeared"
+        return f"{self.delay:.3f} s after step_{self.save(start)}.tmp appeared"
 
     def step(self, start: int) -> int:  # well before the last: the run must still be going after `delay`
-        return start + 1 + int(self.u * max(0, STEPS - 6 - start))
+        return start + 1 + int(self.u * max(0, STEPS - 3 - start))
 
     def save(self, start: int) -> int:
         if self.kind == "final_save":
@@ -105,18 +112,25 @@ class Trigger:
         ahead = list(range((start // EVERY + 1) * EVERY, STEPS, EVERY))
         return ahead[int(self.u * len(ahead))] if ahead else STEPS
 
-    def fired(self, run_dir: Path, start: int, since_launch: float, first_seen: dict) -> bool:
+    def arm(self, run_dir: Path, start: int) -> dict:
+        """Just before launch: what belongs to earlier attempts (their log lines, their half-written save)."""
+        tmp = run_dir / "checkpoints" / f"step_{self.save(start)}.tmp"
+        return {"launch_ns": time.time_ns(), "tmp": tmp, "stale_tmp": tmp.is_dir()}
+
+    def fired(self, run_dir: Path, start: int, since_launch: float, state: dict) -> bool:
         if self.kind == "time":
             return since_launch >= self.after_s
-        if self.kind == "step":
-            if logged_step(run_dir) < self.step(start):
+        if "seen" not in state:
+            if self.kind == "step":
+                if logged_step(run_dir, state["launch_ns"]) < self.step(start):
+                    return False
+            elif state["stale_tmp"]:  # an earlier attempt's: wait until this run removes it
+                state["stale_tmp"] = state["tmp"].is_dir()
                 return False
-            first_seen.setdefault("t", time.perf_counter())
-            return time.perf_counter() - first_seen["t"] >= self.delay
-        if not (run_dir / "checkpoints" / f"step_{self.save(start)}.tmp").is_dir() and "t" not in first_seen:
-            return False
-        first_seen.setdefault("t", time.perf_counter())  # then `delay` into the save (or just past it)
-        return time.perf_counter() - first_seen["t"] >= self.delay
+            elif not state["tmp"].is_dir():
+                return False
+            state["seen"] = time.perf_counter()
+        return time.perf_counter() - state["seen"] >= self.delay
 
 
 def plan(rng: random.Random) -> list[Trigger]:
@@ -189,8 +203,9 @@ def kill_and_resume(tmp_path: Path, cache: Path, rng: random.Random, records: li
             log = logs / f"attempt{i}.log"
             start = newest(run_dir)[0] if newest(run_dir) else 0
             metrics_before = (run_dir / "metrics.jsonl").read_bytes() if (run_dir / "metrics.jsonl").is_file() else None
-            proc, t0, seen = launch(run_dir, cache, extra, log), time.perf_counter(), {}
-            while proc.poll() is None and not trigger.fired(run_dir, start, time.perf_counter() - t0, seen):
+            state = trigger.arm(run_dir, start)
+            proc, t0 = launch(run_dir, cache, extra, log), time.perf_counter()
+            while proc.poll() is None and not trigger.fired(run_dir, start, time.perf_counter() - t0, state):
                 time.sleep(0.002)
             at = time.perf_counter() - t0
             exited = proc.poll()
@@ -208,9 +223,9 @@ def kill_and_resume(tmp_path: Path, cache: Path, rng: random.Random, records: li
             found = newest(run_dir)
             if found:
                 assert problems(found[1]) == [], f"{found[1]} does not verify after the kill"
-            records.append({"engine": engine, "kill": len(records) + 1, "trigger": trigger.describe(start),
+            records.append({"engine": engine, "kill": sum(r["kill"] != "-" for r in records) + 1, "trigger": trigger.describe(start),
                             "killed_at_s": round(at, 2), "exited_before_kill": exited == 0,
-                            "last_logged_step": logged_step(run_dir), "tmp_folders_left": left,
+                            "last_logged_step": logged_step(run_dir, state["launch_ns"]) or "-", "tmp_folders_left": left,
                             "resumed_from": got, "newest_checkpoint_after_kill": name(found),
                             "stale_extension_locks_removed": locks})
             expect = expected_resume(found)
@@ -232,7 +247,7 @@ def write_report(records: list[dict], seconds: float) -> None:
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.with_suffix(".json").write_text(json.dumps({"seed": SEED, "steps": STEPS, "checkpoint_every": EVERY,
                                                        "seconds": round(seconds), "kills": records}, indent=1))
-    rows = ["| engine | kill | trigger | killed at (s after launch) | last logged step | *.tmp left (killed inside a save) | "
+    rows = ["| engine | kill | trigger | killed at (s after launch) | last step this attempt logged | *.tmp left (killed inside a save) | "
             "newest checkpoint after | next run resumed from | notes |", "|---|---|---|---|---|---|---|---|---|"]
     for r, nxt in zip(records, records[1:] + [None]):
         then = nxt["resumed_from"] if nxt and nxt["engine"] == r["engine"] else "-"

@@ -271,8 +271,9 @@ def _collectively(phase, info: DistInfo, tmp: Path, step: int, root: Path) -> No
     if not write_error:
         raise RuntimeError(f"checkpoint step_{step} failed on rank {rank}: {text}")
     previous = checkpoints(root.parent)
-    raise UsageError(f"cannot write checkpoint step_{step} in {root} ({write_error}; {_free(root)}); the half-written "
-                     f"folder was removed and {f'{previous[-1].name} is intact' if previous else 'no older checkpoint exists'}; "
+    cleaned = f"could not remove {tmp}" if tmp.exists() else "the half-written folder was removed"
+    raise UsageError(f"cannot write checkpoint step_{step} in {root} ({write_error}; {_free(root)}); {cleaned} and "
+                     f"{f'{previous[-1].name} is intact' if previous else 'no older checkpoint exists'}; "
                      f"free space or fix permissions there, then resume with resume=auto")
 
 
