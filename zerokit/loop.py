@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from zerokit.config import save_config
 from zerokit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_of
+from zerokit.config import save_config
 from zerokit.dist import DistInfo, all_gather_objects, all_reduce_sum
 from zerokit.errors import UsageError
 from zerokit.manifest import identity as checkpoint_identity
@@ -81,8 +81,8 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     step, tokens_seen, train_seconds = 0, 0, 0.0
     identity = checkpoint_identity(cfg, backend)
     resume_from = resolve_resume(cfg.resume, run_dir, info, identity)
-    if resume_from and step_of(resume_from) >= t.max_steps:  # a finished run started again: leave it as it is
-        done = step_of(resume_from)
+    done = step_of(resume_from) if resume_from else 0
+    if done >= t.max_steps and resume_from:  # a finished run started again: leave it as it is
         if info.is_main:
             print(f"nothing to do: {run_dir} is at step {done} {'=' if done == t.max_steps else '>'} "
                   f"train.max_steps={t.max_steps}; raise train.max_steps or pass resume=none", flush=True)
