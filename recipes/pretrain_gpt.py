@@ -43,12 +43,9 @@ def main(cfg):
         backend.module.config.save_pretrained(ckpt / "model")
         tokenizer.save_pretrained(ckpt / "model")
 
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=cfg.data.block_size,
                     write_extras=write_extras)
-    if summary.get("preempted"):
+    if summary.get("preempted") or summary.get("nothing_to_do"):  # the loop said why; nothing to sample
         return backend
     s = cfg.sample
     text = sample_text(backend.module, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, info.world_size)

@@ -269,7 +269,6 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     # Pre-trained bases carry parts a task never uses (an encoder-decoder's encoder pooler), which DDP
     # refuses unless told; HF Trainer's default too. The cost is one autograd-graph walk per step.
     backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True)
-    run_dir = Path(cfg.run_dir)
 
     # What `zerokit export` needs besides the weights: the model config, tokenizer, task kind, base, LoRA layout.
     base = str(Path(path).resolve()) if Path(path).exists() else path  # export may run from another folder
@@ -284,12 +283,9 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
         save_config(cfg, ckpt / "config.yaml")
         write_model_info(ckpt / "model", spec, config, tokenizer, lora_config)
 
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     summary = train(cfg, backend=backend, task=task, loader=loader, info=info, seq_len=task.max_length,
                     write_extras=write_extras)
-    if summary.get("preempted"):
+    if summary.get("preempted") or summary.get("nothing_to_do"):
         return summary
     export_trained(cfg, backend, info, spec, config, lora_config, tokenizer)
     if info.is_main and on_summary:

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-from zerokit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from zerokit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_of
+from zerokit.config import save_config
 from zerokit.dist import DistInfo, all_gather_objects, all_reduce_sum
+from zerokit.errors import UsageError
+from zerokit.manifest import identity as checkpoint_identity
 from zerokit.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar, system_stats
 from zerokit.nonfinite import NonFiniteGuard, NonFiniteStep
 from zerokit.optim import lr_at
@@ -82,16 +85,30 @@ def train_step(backend, task, window: list[dict], info: DistInfo, lr: float, gua
 
 
 def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_extras=None) -> dict:
-    """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json)."""
+    """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json), or
+    {"preempted": True, ...} after a stop request, or {"nothing_to_do": True, ...} when the checkpoint
+    resumed from is already at max_steps (then nothing is trained or written)."""
     t = cfg.train
     run_dir = Path(cfg.run_dir)
     step, tokens_seen, train_seconds = 0, 0, 0.0
-    resume_from = resolve_resume(cfg.resume, run_dir)
+    identity = checkpoint_identity(cfg, backend)
+    resume_from = resolve_resume(cfg.resume, run_dir, info, identity)
+    done = step_of(resume_from) if resume_from else 0
+    if done >= t.max_steps and resume_from:  # a finished run started again: leave it as it is
+        if info.is_main:
+            print(f"nothing to do: {run_dir} is at step {done} {'=' if done == t.max_steps else '>'} "
+                  f"train.max_steps={t.max_steps}; raise train.max_steps or pass resume=none", flush=True)
+        return {"nothing_to_do": True, "step": done}
+    if info.is_main:  # only now: a run with nothing to do leaves run_dir as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     if resume_from:
         state = load_checkpoint(resume_from, backend, info)
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
         loader.load_state_dict(state["loader"])
         log.info("resumed from %s at step %d", resume_from, step)
+    elif cfg.resume == "auto":
+        log.info("resume=auto: no checkpoint in %s, starting at step 0", run_dir / "checkpoints")
     logger = MetricsLogger(run_dir, cfg.report_to, cfg.to_dict(), enabled=info.is_main, run_name=run_dir.name,
                            prometheus_port=cfg.get("prometheus_port", 0), start_step=step)
     stop = StopRequest()
@@ -100,7 +117,12 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
 
     def checkpoint(at_step: int) -> Path:
         state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "loader": loader.state_dict()}
-        return save_checkpoint(run_dir, at_step, backend, state, info, keep=t.keep_checkpoints, write_extras=write_extras)
+        try:
+            return save_checkpoint(run_dir, at_step, backend, state, info, keep=t.keep_checkpoints,
+                                   write_extras=write_extras, identity=identity)
+        except UsageError:  # e.g. disk full: the one-line error goes on a line of its own, not after the bar
+            bar.close()
+            raise
 
     def evaluate() -> dict:
         backend.module.eval()
@@ -169,7 +191,9 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
             eval_metrics = evaluate()
             logger.log({"step": step, **eval_metrics})
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        if preempted or time_for_checkpoint or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        # With checkpoints on, the last step is always saved too: a finished run loses nothing and is not redone.
+        last = step == t.max_steps and (t.checkpoint_every > 0 or t.checkpoint_every_minutes > 0)
+        if preempted or time_for_checkpoint or last or (t.checkpoint_every and step % t.checkpoint_every == 0):
             checkpoint(step)
             last_ckpt_time = time.time()
         paused += time.perf_counter() - t0
