@@ -7,7 +7,6 @@ schedule, logging, evaluation, checkpoints and preemption. The backend hides the
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -20,7 +19,8 @@ from zerokit.config import save_config
 from zerokit.dist import DistInfo, all_gather_objects, all_reduce_sum
 from zerokit.errors import UsageError
 from zerokit.manifest import identity as checkpoint_identity
-from zerokit.metrics import MetricsLogger, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar, system_stats
+from zerokit.metrics import (MetricsLogger, json_line, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar,
+                             system_stats)
 from zerokit.nonfinite import NonFiniteGuard, NonFiniteStep
 from zerokit.optim import lr_at
 
@@ -217,7 +217,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     if peak and flops_per_tok and summary["tokens_per_s"]:
         summary["mfu"] = flops_per_tok * summary["tokens_per_s"] / (peak * info.world_size)
     if info.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run_dir / "summary.json").write_text(json_line(summary, indent=1))
         (run_dir / "PREEMPTED").unlink(missing_ok=True)
     logger.close()
     return summary
