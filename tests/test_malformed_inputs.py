@@ -114,8 +114,8 @@ CASES = [
          {"m/config.json": json.dumps({"model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 64,
                                        "n_layer": 2, "n_head": 2})}),
     # every zerokit command
-    case("export-missing", "cli", ["export", "{tmp}/nope", "{tmp}/out"], ["nope/model/config.json missing", "pass a checkpoint"]),
-    case("export-not-checkpoint", "cli", ["export", "{run}", "{tmp}/out"], ["run/model/config.json missing", "pass a checkpoint"]),
+    case("export-missing", "cli", ["export", "{tmp}/nope", "{tmp}/out"], ["nope not found", "pass an existing"]),
+    case("export-not-checkpoint", "cli", ["export", "{run}", "{tmp}/out"], ["not a zerokit checkpoint", "pass <run_dir>"]),
     case("warm-start-missing", "cli", ["warm-start", "{tmp}/nope", "{tmp}/out"], ["model folder not found", "alias"]),
     case("generate-missing", "cli", ["generate", "--model", "{tmp}/nope", "--prompt", "hi"], ["model folder not found", "export"]),
     case("generate-not-a-model", "cli", ["generate", "--model", "{run}", "--prompt", "hi"], ["has no config.json", "exported model folder"]),

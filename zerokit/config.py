@@ -268,10 +268,10 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
         path = deepspeed_config_path(cfg.get("ds_config"))
         if path:
             _check_ds_config(load_ds_json(path), cfg.train)
-    resume = cfg.get("resume")
-    if resume not in (None, "auto", "none"):
-        from zerokit.checkpoint import resolve_resume
-        resolve_resume(resume, Path(run_dir or "."))
+    resume = cfg.get("resume")  # a cheap first look; the loop verifies the checkpoint's manifest and shape keys
+    if resume not in (None, "auto", "none") and not (Path(str(resume)).expanduser() / "trainer_state.json").is_file():
+        raise UsageError(f"resume={resume}: not a checkpoint directory (no trainer_state.json); pass a "
+                         f"<run_dir>/checkpoints/step_N folder, resume=auto or resume=none")
     _check_pretrained(cfg, defaults)
 
 
