@@ -65,12 +65,13 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, cache, nproc, 
 
 
 def test_second_run_hits_the_data_cache(tmp_path, cache):
-    """A5: the same corpus and settings again: no tokenization, and the log says so."""
+    """A5: the same corpus and settings again: no tokenizer training, no tokenization (the source files are
+    unchanged, so the corpus is not even read), and the log says so."""
     first = pretrain(tmp_path / "a", "train.max_steps=1", kind="python", cache=tmp_path / "fresh")
     second = pretrain(tmp_path / "b", "train.max_steps=1", kind="python", cache=tmp_path / "fresh")
-    assert "packed" in first.stderr and "data cache hit" not in first.stderr
-    assert "data cache hit" in second.stderr and "tokenizer cache hit" in second.stderr
-    assert "packed" not in second.stderr.replace("data cache hit", "")
+    assert "packed" in first.stderr and "trained tokenizer" in first.stderr and "data cache hit" not in first.stderr
+    assert "data cache hit (source unchanged)" in second.stderr
+    assert "packed" not in second.stderr.replace("data cache hit", "") and "trained tokenizer" not in second.stderr
 
 
 def test_plain_python_runs_deepspeed_and_fsdp_on_one_process(tmp_path, cache):
