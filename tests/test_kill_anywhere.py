@@ -49,7 +49,7 @@ def run_args(cache: Path) -> list[str]:
 
 def kill_all(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every rank at once: no process gets to clean up."""
-    groups = {os.getpgid(proc.pid)}
+    groups = {proc.pid}  # start_new_session: the launcher leads its own group (which may have exited)
     try:
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
@@ -92,9 +92,10 @@ class Trigger:
 
     def __init__(self, kind: str, rng: random.Random):
         self.kind, self.u = kind, rng.random()
-        # a gpt-tiny save takes a few tens of ms: short delays land inside it, longer ones just after
-        self.delay = rng.uniform(0.0, 0.08) if kind in ("save", "final_save") else rng.uniform(0.0, 0.25)
-        self.after_s = rng.uniform(1.0, 15.0)
+        # a gpt-tiny save takes a few tens of ms: short delays land inside it, longer ones just after;
+        # after a step, short enough that the run cannot finish first
+        self.delay = rng.uniform(0.0, 0.08) if kind in ("save", "final_save") else rng.uniform(0.0, 0.05)
+        self.after_s = rng.uniform(1.0, 10.0)  # start-up (imports, engine, checkpoint load) takes ~10-30 s here
 
     def describe(self, start: int) -> str:
         if self.kind == "time":
@@ -103,8 +104,8 @@ class Trigger:
             return f"{self.delay:.2f} s after step {self.step(start)} was logged"
         return f"{self.delay:.3f} s after step_{self.save(start)}.tmp appeared"
 
-    def step(self, start: int) -> int:  # well before the last: the run must still be going after `delay`
-        return start + 1 + int(self.u * max(0, STEPS - 3 - start))
+    def step(self, start: int) -> int:  # before the last: the run must still be going after `delay`
+        return start + 1 + int(self.u * max(0, STEPS - 2 - start))
 
     def save(self, start: int) -> int:
         if self.kind == "final_save":
@@ -115,7 +116,8 @@ class Trigger:
     def arm(self, run_dir: Path, start: int) -> dict:
         """Just before launch: what belongs to earlier attempts (their log lines, their half-written save)."""
         tmp = run_dir / "checkpoints" / f"step_{self.save(start)}.tmp"
-        return {"launch_ns": time.time_ns(), "tmp": tmp, "stale_tmp": tmp.is_dir()}
+        return {"launch_ns": time.time_ns(), "tmp": tmp, "stale_tmp": tmp.is_dir(),
+                "done": run_dir / "checkpoints" / f"step_{self.save(start)}"}
 
     def fired(self, run_dir: Path, start: int, since_launch: float, state: dict) -> bool:
         if self.kind == "time":
@@ -127,7 +129,7 @@ class Trigger:
             elif state["stale_tmp"]:  # an earlier attempt's: wait until this run removes it
                 state["stale_tmp"] = state["tmp"].is_dir()
                 return False
-            elif not state["tmp"].is_dir():
+            elif not (state["tmp"].is_dir() or state["done"].is_dir()):  # a save faster than the poll: just after it
                 return False
             state["seen"] = time.perf_counter()
         return time.perf_counter() - state["seen"] >= self.delay
