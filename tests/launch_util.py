@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,3 +80,23 @@ def assert_close(a: dict, b: dict, rel: float) -> None:
     assert a.keys() == b.keys(), f"steps differ: {sorted(a)} vs {sorted(b)}"
     worst = max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
     assert worst <= rel, f"max relative loss difference {worst:.3g} > {rel}: {a} vs {b}"
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank at once: no process gets to clean up. torchrun starts each
+    rank in a session of its own, so killing the launcher's process group alone would leave them running."""
+    groups = {proc.pid}  # start_new_session: the launcher leads its own group (which may have exited)
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                groups.add(os.getpgid(child.pid))
+            except ProcessLookupError:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

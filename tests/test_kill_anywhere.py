@@ -19,18 +19,15 @@ runs here use a private extension folder, and a lock left by a kill is removed (
 user would have to.
 """
 import json
-import os
 import random
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from launch_util import PRETRAIN, REPO, TINY, env, launcher, losses, run
+from launch_util import PRETRAIN, REPO, TINY, env, kill_all, launcher, losses, run
 from zerokit.manifest import problems
 
 SEED = 1412
@@ -45,25 +42,6 @@ RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 def run_args(cache: Path) -> list[str]:
     return ["model.dropout=0.1", "train.precision=fp32", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
             "train.keep_checkpoints=2", "train.micro_batch_size=4", f"data.cache_dir={cache}"]
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank at once: no process gets to clean up."""
-    groups = {proc.pid}  # start_new_session: the launcher leads its own group (which may have exited)
-    try:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                groups.add(os.getpgid(child.pid))
-            except ProcessLookupError:
-                pass
-    except psutil.NoSuchProcess:
-        pass
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
 
 
 def newest(run_dir: Path) -> tuple[int, Path] | None:

@@ -1,13 +1,10 @@
 """The main job's promises: rank equivalence (A3), kill -9 + resume (A4), the data cache (A5)."""
-import os
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from launch_util import PRETRAIN, TINY, assert_close, env, launcher, losses, metrics, pretrain, REPO
+from launch_util import PRETRAIN, REPO, TINY, assert_close, env, kill_all, launcher, losses, metrics, pretrain
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +35,7 @@ def _run_until_checkpoint_then_kill(run_dir, args, nproc, ckpt_step):
         assert proc.poll() is None, f"run ended before its checkpoint: {proc.stderr.read()[-3000:]}"
         assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher and every rank, no chance to clean up
-    proc.wait()
+    kill_all(proc)  # the launcher and every rank, no chance to clean up
     done = max(losses(run_dir))
     assert done < int([a for a in args if a.startswith("train.max_steps=")][0].split("=")[1]), "killed too late"
     return done
