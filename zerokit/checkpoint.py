@@ -36,6 +36,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from zerokit import manifest as mf
+from zerokit.config import MISSING, lookup
 from zerokit.dist import DistInfo, all_gather_objects, barrier, broadcast_object
 from zerokit.errors import UsageError
 
@@ -172,7 +173,7 @@ def _legacy_identity(ckpt: Path) -> dict:
     import yaml
     path = ckpt / "config.yaml"
     cfg = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    return {"config": {k: v for k in mf.SHAPE_KEYS if (v := mf._get(cfg, k)) is not mf._ABSENT}, "zero_stage": None}
+    return {"config": {k: v for k in mf.SHAPE_KEYS if (v := lookup(cfg, k)) is not MISSING}, "zero_stage": None}
 
 
 def rng_state() -> dict:

@@ -234,16 +234,17 @@ def _show(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).split("\n")[0] if value != "" else "''"
 
 
-def _lookup(cfg: dict, key: str):
+def lookup(cfg: dict, key: str):
+    """The value at a dotted key, or MISSING."""
     node = cfg
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return _MISSING
+            return MISSING
         node = node[part]
     return node
 
 
-_MISSING = object()
+MISSING = object()
 
 
 def validate(cfg: Config, defaults: Config | None = None) -> None:
@@ -251,12 +252,12 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
     starts (run_dir, the DeepSpeed JSON, a pretrained model's tokenizer). Raises UsageError naming the fix."""
     defaults = defaults or Config()
     for key, (ok, what) in RULES.items():
-        value = _lookup(cfg, key)
-        if value is _MISSING or ok(value):
+        value = lookup(cfg, key)
+        if value is MISSING or ok(value):
             continue
         what = what() if callable(what) else what
-        example = _lookup(defaults, key)
-        fix = f"set e.g. {key}={_show(example)}" if example is not _MISSING and example is not None and ok(example) \
+        example = lookup(defaults, key)
+        fix = f"set e.g. {key}={_show(example)}" if example is not MISSING and example is not None and ok(example) \
             else f"give {what}"
         raise UsageError(f"{key}={_show(value)} is not {what}; {fix}")
     run_dir = cfg.get("run_dir")
@@ -290,14 +291,14 @@ def _check_ds_config(ds: dict, train) -> None:
 
 def _check_pretrained(cfg: Config, defaults: Config) -> None:
     """A pretrained model.name_or_path brings its vocabulary: a tokenizer trained here would not match it."""
-    name, tokenizer = _lookup(cfg, "model.name_or_path"), _lookup(cfg, "data.tokenizer")
-    if tokenizer is _MISSING:
+    name, tokenizer = lookup(cfg, "model.name_or_path"), lookup(cfg, "data.tokenizer")
+    if tokenizer is MISSING:
         return
     if name and tokenizer == "train":
         raise UsageError(f"model.name_or_path={name} needs its own tokenizer, but data.tokenizer=train would train a "
                          f"new vocabulary its weights do not know; set data.tokenizer={name}")
-    vocab, default_vocab = _lookup(cfg, "data.vocab_size"), _lookup(defaults, "data.vocab_size")
-    if tokenizer != "train" and vocab is not _MISSING and vocab != default_vocab:
+    vocab, default_vocab = lookup(cfg, "data.vocab_size"), lookup(defaults, "data.vocab_size")
+    if tokenizer != "train" and vocab is not MISSING and vocab != default_vocab:
         log.warning("data.vocab_size=%s is ignored: it sizes a tokenizer trained on the corpus, and "
                     "data.tokenizer=%s brings its own vocabulary", vocab, tokenizer)
 

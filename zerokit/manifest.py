@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from zerokit.config import MISSING, lookup
 from zerokit.dist import DistInfo, all_gather_objects, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -21,18 +22,6 @@ FORMAT = 2  # trainer_state.json carries it: such a checkpoint must have a manif
 # that agrees on all of them. Everything else (steps, lr, eval, logging) may change on resume.
 SHAPE_KEYS = ("model.preset", "model.name_or_path", "data.tokenizer", "data.vocab_size", "data.block_size",
               "data.num_labels", "peft", "lora.r", "lora.target_modules")
-
-
-def _get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _ABSENT
-        node = node[part]
-    return node
-
-
-_ABSENT = object()
 
 
 def _normal(value):
@@ -48,7 +37,7 @@ def _normal(value):
 def identity(cfg: dict, backend) -> dict:
     """What a checkpoint must agree with to load: the shape keys present in this recipe's config, and
     the DeepSpeed ZeRO stage (each stage lays its files out differently)."""
-    shape = {k: _normal(v) for k in SHAPE_KEYS if (v := _get(cfg, k)) is not _ABSENT}
+    shape = {k: _normal(v) for k in SHAPE_KEYS if (v := lookup(cfg, k)) is not MISSING}
     if shape.get("data.tokenizer", "train") != "train":
         shape.pop("data.vocab_size", None)  # only a trained tokenizer reads it
     if shape.get("peft") == "none":
