@@ -30,6 +30,7 @@ def _rank0_exit(mode: str, tmp_path) -> tuple[int, str]:
     return procs[0].returncode, out
 
 
+@pytest.mark.slow  # 2 x 8 s of real 2-rank launches; -m slow (CI) runs it
 @pytest.mark.parametrize("mode", ["exit_process", "return"])
 def test_exit_with_a_gloo_thread_still_busy(mode, tmp_path):
     rc, out = _rank0_exit(mode, tmp_path)

@@ -390,6 +390,7 @@ def test_accelerate_flags_are_read_or_refused():
             check_accelerate_flags(_zero2_json(), train, env)
 
 
+@pytest.mark.slow  # ~13 s each: a real accelerate launch; -m slow (CI) runs it
 def test_accelerate_zero_stage_and_mixed_precision_without_a_json(runs, cache, tmp_path):
     """`accelerate launch --use_deepspeed --zero_stage 2 --mixed_precision bf16` and no JSON really trains
     bf16 ZeRO-2 on 2 ranks: the checkpoint is DeepSpeed's, with one optimizer partition per rank marked
@@ -418,6 +419,7 @@ def test_accelerate_zero_stage_and_mixed_precision_without_a_json(runs, cache, t
     assert max(abs(got[s] - want[s]) / want[s] for s in want) <= 1e-5, (got, want)
 
 
+@pytest.mark.slow  # ~13 s each: a real accelerate launch; -m slow (CI) runs it
 def test_accelerate_contradiction_is_one_line_and_exit_2(cache, tmp_path):
     """`--mixed_precision fp16` against train.precision=bf16: the recipe prints one `error:` line and exits 2,
     given accelerate's environment directly and under `accelerate launch -q` (which reports any failing
