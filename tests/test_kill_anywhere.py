@@ -58,7 +58,7 @@ def logged_step(run_dir: Path, since_ns: int = 0) -> int:
     try:
         if path.stat().st_mtime_ns <= since_ns:
             return 0
-        lines = path.read_text().splitlines()
+        lines = path.read_text().split("\n")[:-1]  # complete lines only: the writer may be mid-line
     except FileNotFoundError:
         return 0
     return max((json.loads(ln)["step"] for ln in lines if '"loss"' in ln), default=0)
