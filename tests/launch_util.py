@@ -14,6 +14,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PRETRAIN = str(REPO / "recipes" / "pretrain_gpt.py")
+# DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) on first use, under a lock file that a killed
+# build leaves behind, after which every later build waits on it forever. The tests build into the
+# venv (fresh on a clean machine) instead of ~/.cache, and conftest clears locks that outlived their build.
+EXTENSIONS = Path(sys.prefix) / "torch_extensions"
 
 # A tiny, fast, dropout-free setup whose runs are comparable step by step.
 TINY = ["model.preset=gpt-tiny", "model.dropout=0.0", "data.block_size=32", "data.vocab_size=512",
@@ -23,7 +27,8 @@ TINY = ["model.preset=gpt-tiny", "model.dropout=0.0", "data.block_size=32", "dat
 
 def env(**extra) -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+             PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}",
+             TORCH_EXTENSIONS_DIR=str(EXTENSIONS))
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
@@ -43,7 +48,17 @@ def launcher(nproc: int, kind: str = "torchrun", ds_config: str | None = None) -
 
 
 def run(cmd: list[str], timeout: float = 600, check: bool = True, **env_extra) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    # Its own session, and on timeout the launcher *and every rank* are killed: an orphaned rank would
+    # hold its port, memory and CPU and slow or hang the tests after it.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)}\ntimed out after {timeout:.0f} s\n--- stderr ---\n{err[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc

@@ -115,8 +115,7 @@ def make_runs(root: Path, data_dir: Path) -> Path:
                                         f"run_dir={root / 'summ_zero3_bf16_lora'}"]]]
     spec = root / "runs.json"
     spec.write_text(json.dumps(two))
-    run([*launcher(2), str(Path(__file__).resolve()), str(spec)], timeout=900,
-        TORCH_EXTENSIONS_DIR=Path(sys.prefix) / "torch_extensions")
+    run([*launcher(2), str(Path(__file__).resolve()), str(spec)], timeout=900)
     _in_process("finetune_sentiment", [*sent, "peft=lora", "train.micro_batch_size=4", f"run_dir={root / 'sent_lora'}"])
     _in_process("finetune_sentiment", [*sent, "peft=none", "train.micro_batch_size=4", f"run_dir={root / 'sent_full'}"])
     _in_process("finetune_summarization", [*summ, "peft=lora", "train.micro_batch_size=4", f"run_dir={root / 'summ_lora'}"])

@@ -9,10 +9,7 @@ cells run in this process. Summarisation evaluation under ZeRO-3 / FSDP generate
 of different lengths on 2 ranks (3 + 2: rank 1 runs a throw-away batch), so a hang would show here.
 """
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from launch_util import REPO, env, launcher, losses
+from launch_util import REPO, launcher, losses, run
 from zerokit.config import load_config
 
 MODES = ("none", "lora", "qlora")
@@ -103,27 +100,12 @@ def _in_process(recipe: str, overrides: list[str]) -> None:
             signal.signal(s, h)
 
 
-# DeepSpeed JIT-builds its CPU shared-memory collectives op on first use. In the default, per-user cache
-# two virtualenvs (different paths) rebuild it in turn, minutes each, and a build killed mid-way leaves a
-# lock every later launch waits on forever: keep one cache per virtualenv.
-EXTENSIONS = Path(sys.prefix) / "torch_extensions"
-
-
 def _many(recipe: str, runs: list[list[str]], workdir: Path, timeout: float = 900) -> None:
-    """Several runs of one recipe in one 2-rank torchrun launch (tests/workers/run_recipe_many.py).
-    On timeout the whole process group goes, ranks included (no orphans left holding the CPU)."""
+    """Several runs of one recipe in one 2-rank torchrun launch (tests/workers/run_recipe_many.py)."""
     spec = workdir / f"{recipe}_runs.json"
     spec.write_text(json.dumps(runs))
-    cmd = [*launcher(2), str(REPO / "tests" / "workers" / "run_recipe_many.py"), str(REPO / "recipes" / f"{recipe}.py"), str(spec)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(TORCH_EXTENSIONS_DIR=EXTENSIONS), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)}\ntimed out after {timeout} s\n{out[-6000:]}") from None
-    assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{out[-6000:]}"
+    run([*launcher(2), str(REPO / "tests" / "workers" / "run_recipe_many.py"), str(REPO / "recipes" / f"{recipe}.py"),
+         str(spec)], timeout=timeout)
 
 
 # The extra 2-rank runs besides the matrix: LoRA with gradient checkpointing under ZeRO-3 (its losses must

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.locks import exclusive
 from zerokit.optim import build_adamw, set_lr
+
+log = logging.getLogger("zerokit")
 
 
 def load_deepspeed_file(path: str | Path, **kwargs):
@@ -143,6 +146,7 @@ class DeepSpeedBackend:
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds: str | dict):
         """`ds`: a DeepSpeed JSON's path, or the config accelerate's flags describe (backends.accelerate_deepspeed_config)."""
         import deepspeed
+        warn_stale_build_locks()
         self.info = info
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed insists; no launcher sets it for `python`
         self.precision = resolve_precision(train.precision, info.device)
@@ -237,6 +241,20 @@ class DeepSpeedBackend:
                 repair_zero3_universal_load(self.engine.optimizer.optimizer, path / UNIVERSAL_TAG)
         if load_path is None:
             raise UsageError(f"no DeepSpeed checkpoint in {path}/deepspeed; resume from a checkpoint this backend wrote")
+
+
+def warn_stale_build_locks(max_age_s: float = 900) -> None:
+    """DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) under a lock file; a build that was killed
+    leaves the lock behind and every later run waits on it forever, silently. Say so before that wait."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in root.glob("*/*/lock"):
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                log.warning("%s is %.0f min old: a killed DeepSpeed op build left it, and DeepSpeed waits on it "
+                            "forever; delete it if no build is running", lock, (time.time() - lock.stat().st_mtime) / 60)
 
 
 def restore_fp32_masters(engine, fp32_weights: dict) -> None:
