@@ -11,7 +11,7 @@ import time
 import pytest
 
 from launch_util import REPO, env
-from zerokit.bench import engine_of, expand, observations, parse_sweep, point_overrides, reset_peak_rss
+from zerokit.lab.bench import engine_of, expand, observations, parse_sweep, point_overrides, reset_peak_rss
 from zerokit.config import load_config
 from zerokit.errors import UsageError
 

@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from zerokit.errors import UsageError
-from zerokit.memory import (LiveBytes, apply_grad_ckpt, estimate, estimate_main, measure_step_peak, model_states,
+from zerokit.lab.memory import (LiveBytes, apply_grad_ckpt, estimate, estimate_main, measure_step_peak, model_states,
                             model_stats, parse_bytes, partition_overlap)
 
 # Small enough for a loaded 2-core box, big enough that activations, the loss and the
@@ -184,7 +184,7 @@ def test_measure_agrees_with_torch_memtracker():
 
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from zerokit.memory import _train_step
+    from zerokit.lab.memory import _train_step
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(gpt2()).train()

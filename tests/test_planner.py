@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from zerokit import memory, planner
+from zerokit.lab import memory, planner
 from zerokit.errors import UsageError
 
 GiB = 2**30

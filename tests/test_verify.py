@@ -4,9 +4,9 @@ Also `zerokit plan --verify` end to end."""
 import pytest
 from transformers import GPT2Config
 
-from zerokit import planner
+from zerokit.lab import planner
 from zerokit.errors import UsageError
-from zerokit.verify import PEAK_TOLERANCE, STATE_TOLERANCE, failures, parse_points, run_points
+from zerokit.lab.verify import PEAK_TOLERANCE, STATE_TOLERANCE, failures, parse_points, run_points
 
 # 2 blocks, 256 wide, vocab 2048: 2.1M params. Big enough that ZeRO-3 partitions most tensors
 # (the persistence threshold is 1e5 elements) and activations, logits and model states all matter.

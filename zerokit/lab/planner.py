@@ -1,6 +1,6 @@
 """`zerokit plan`: the DeepSpeed configurations that fit, ranked by predicted step time.
 
-Memory comes from `zerokit.memory.estimate` (the same numbers `zerokit estimate` prints).
+Memory comes from `zerokit.lab.memory.estimate` (the same numbers `zerokit estimate` prints).
 Time comes from a deliberately simple cost model, stated here so it can be argued with:
 
   compute   = FLOPs / (peak_flops x mfu)
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from zerokit import memory
-from zerokit import verify as real_steps
+from zerokit.lab import memory
+from zerokit.lab import verify as real_steps
 from zerokit.errors import UsageError
-from zerokit.memory import BYTES, fmt_bytes, parse_bytes
+from zerokit.lab.memory import BYTES, fmt_bytes, parse_bytes
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def check_verifiable(nodes: int, peft: str) -> None:
 
 def verify_top(cands: list[Candidate], *, model: str, config, stats: memory.ModelStats, gpus: int, nodes: int,
                seq: int, precision: str, peft: str, hw: Hardware) -> list[dict]:
-    """`--verify K`: real steps of the top K candidates on this node's ranks (`zerokit.verify`,
+    """`--verify K`: real steps of the top K candidates on this node's ranks (`zerokit.lab.verify`,
     with the DeepSpeed zero section the plan writes), measured peak and step time beside the
     prediction for what ran (a window of `verify.GRAD_ACCUM` micro-batches)."""
     check_verifiable(nodes, peft)

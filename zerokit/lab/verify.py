@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from zerokit import memory
+from zerokit.lab import memory
 from zerokit.errors import UsageError
-from zerokit.memtest import run_workers
+from zerokit.lab.memtest import run_workers
 
 MiB = 2**20
 GRAD_ACCUM = 2          # two micro-batches: the window holds gradients between them (stage 0/1 full, 2/3 partitions)
@@ -73,7 +73,7 @@ def estimate_point(config, p: dict, world_size: int, seq: int, precision: str, d
 # ---- in each rank ---------------------------------------------------------------------------
 def _storages_held(backend) -> list[torch.Tensor]:
     """One tensor per storage the engine holds (module params, ZeRO partitions, optimizer state)."""
-    from zerokit.memtest import _walk
+    from zerokit.lab.memtest import _walk
     found, seen = [], set()
     for name, p in backend.module.named_parameters():
         _walk(p, name, found, seen)
@@ -84,7 +84,7 @@ def _storages_held(backend) -> list[torch.Tensor]:
 def _measure_point(config, p: dict, seq: int, precision: str, zero: dict, info, timed_steps: int) -> dict:
     from zerokit.backends import make_backend
     from zerokit.config import Config
-    from zerokit.memtest import measure as held_by_role
+    from zerokit.lab.memtest import measure as held_by_role
 
     torch.manual_seed(0)
     model = memory.training_model(config, precision=precision, peft=p["peft"], grad_ckpt=p["grad_ckpt"])
@@ -201,7 +201,7 @@ def run_points(model: str, points: list[dict], world_size: int, seq: int, precis
                                     "precision": precision, "timed_steps": timed_steps, "out": out,
                                     "timeout": timeout}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
-               "-m", "zerokit.verify", "--worker", str(spec)]
+               "-m", "zerokit.lab.verify", "--worker", str(spec)]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")
         if device == "cpu":
@@ -320,5 +320,5 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from zerokit.memory import _run_cli
+    from zerokit.lab.memory import _run_cli
     raise SystemExit(_run_cli(verify_main))

@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 from zerokit.errors import UsageError
-from zerokit.memory import partition_overlap
+from zerokit.lab.memory import partition_overlap
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIGS = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 ROLES = ("weights", "gradients", "master", "moments")
 MiB = 2**20
@@ -236,7 +236,7 @@ def run_one(configs: list[Path], world_size: int, preset: str, seq: int, micro_b
     rank's measurement. (One config per launch keeps each peak RSS its own.)"""
     with tempfile.TemporaryDirectory(prefix="zerokit-memtest-") as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
-               "-m", "zerokit.memtest", "--worker", "--config", *map(str, configs), "--preset", preset,
+               "-m", "zerokit.lab.memtest", "--worker", "--config", *map(str, configs), "--preset", preset,
                "--seq", str(seq), "--micro-batch", str(micro_batch), "--out", out, "--worker-timeout", str(timeout)]
         env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                    HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -330,7 +330,7 @@ def memtest_main(argv: list[str]) -> int:
         for r in rows:
             r["peak_rss"] = None
     print(f"{args.preset}: Ψ = {rows[0]['params']:,} parameters, fp32, Adam. MiB per rank, the rank holding the "
-          f"most; measured mid-window (2 micro-batches per step). Formula and textbook: see `zerokit.memtest`.\n")
+          f"most; measured mid-window (2 micro-batches per step). Formula and textbook: see `zerokit.lab.memtest`.\n")
     print(format_table(rows))
     print("\nEvery in-memory byte here is host memory: with DS_ACCELERATOR=cpu the accelerator is the CPU, "
           "so offload changes where DeepSpeed means the states to live, not the per-rank total.")

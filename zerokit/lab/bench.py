@@ -6,7 +6,7 @@ Each sweep point is a run of recipes/pretrain_gpt.py with the matching overrides
 stage -> ds_config=ds_configs/zero{stage}.json (`none`: plain PyTorch/DDP), offload=cpu -> the
 *_offload JSON (ZeRO-2: optimizer; ZeRO-3: optimizer + parameters) or fsdp_offload,
 fsdp -> fsdp=..., grad_ckpt -> model.grad_ckpt, micro_batch -> train.micro_batch_size,
-seq -> data.block_size. Beside each measurement stands `zerokit.memory.estimate` for the
+seq -> data.block_size. Beside each measurement stands `zerokit.lab.memory.estimate` for the
 same configuration (read back from the run's resolved config, so it models what ran).
 
 Launches (`--launch`):
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from zerokit.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "pretrain_gpt.py"
 DEFAULTS = REPO / "recipes" / "configs" / "pretrain_gpt.yaml"
 MiB = 2**20
@@ -148,12 +148,12 @@ def engine_of(cfg) -> dict:
 
 
 def estimate_run(cfg, nproc: int) -> dict:
-    """`zerokit.memory.estimate` for what the run does, plus the bucket its DeepSpeed JSON really
+    """`zerokit.lab.memory.estimate` for what the run does, plus the bucket its DeepSpeed JSON really
     allocates (the estimator assumes the planner's buckets; see report notes)."""
     import torch
 
     from zerokit.backends import resolve_precision
-    from zerokit.memory import estimate
+    from zerokit.lab.memory import estimate
     from zerokit.models import model_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -285,7 +285,7 @@ def launch(runs: list[dict], nproc: int, out: Path, tag: str, timeout: float) ->
     spec, log = logs / f"{tag}.json", logs / f"{tag}.log"
     spec.write_text(json.dumps({"runs": runs}, indent=1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "zerokit.bench", "--worker", str(spec)]
+           "-m", "zerokit.lab.bench", "--worker", str(spec)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
@@ -540,7 +540,7 @@ def write_report(path: Path, rows: list[dict], *, argv: list[str], args, setup: 
 - Tokens/s: all ranks' input tokens per second, the median over steps {SKIP_STEPS + 1}-{args.steps}
   (step 1 allocates optimizer state); min-max in `results.csv`.
 - Memory, measured: {memory_note(device, args.launch)}
-- Memory, estimated: `zerokit.memory.estimate` for the same model, ranks, ZeRO stage, offload, micro-batch,
+- Memory, estimated: `zerokit.lab.memory.estimate` for the same model, ranks, ZeRO stage, offload, micro-batch,
   sequence, checkpointing and precision ({rows[0]['precision']}), device={'cpu' if device == 'CPU' else 'cuda'}: live tensor bytes per rank
   at the step's peak, itemised. FSDP points use the ZeRO-3 (full_shard) / ZeRO-2 (shard_grad_op) formulas.
 {''.join(f'- Not run: {d}' + chr(10) for d in dropped)}
@@ -641,5 +641,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         from zerokit.dist import exit_process
         exit_process(worker_main(sys.argv[2]))
-    from zerokit.memory import _run_cli
+    from zerokit.lab.memory import _run_cli
     raise SystemExit(_run_cli(bench_main))
