@@ -19,6 +19,7 @@ import torch
 
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
+from zerokit.resources import find_ds_config
 
 
 _ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16"}
@@ -102,7 +103,9 @@ def check_accelerate_flags(ds: dict, train, env: Mapping[str, str] | None = None
 
 
 def deepspeed_config_path(ds_config: str | None) -> str | None:
-    """The run's DeepSpeed JSON: `ds_config=` or `accelerate launch --deepspeed_config_file`."""
+    """The run's DeepSpeed JSON: `ds_config=` (a path, or a packaged name: zerokit.resources.find_ds_config)
+    or `accelerate launch --deepspeed_config_file`."""
+    ds_config = find_ds_config(ds_config)
     from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") \
         if _env_true(os.environ, "ACCELERATE_USE_DEEPSPEED") else None
     if ds_config and from_accelerate and os.path.abspath(ds_config) != os.path.abspath(from_accelerate):
