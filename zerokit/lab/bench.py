@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 
 from zerokit.errors import UsageError
+from zerokit.resources import DS_CONFIGS, PACKAGE, RECIPE_CONFIGS, RECIPES
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "recipes" / "pretrain_gpt.py"
-DEFAULTS = REPO / "recipes" / "configs" / "pretrain_gpt.yaml"
+RECIPE = RECIPES / "pretrain_gpt.py"  # the packaged files: an installed zerokit has no repository
+DEFAULTS = RECIPE_CONFIGS / "pretrain_gpt.yaml"
 MiB = 2**20
 SKIP_STEPS = 1  # the first step allocates optimizer state and warms caches: not steady-state throughput
 
@@ -117,7 +117,7 @@ def point_overrides(p: dict) -> list[str]:
     if p.get("fsdp", "none") != "none":
         out += [f"fsdp={p['fsdp']}", f"fsdp_offload={str(offload).lower()}"]
     elif p.get("stage", "none") != "none":
-        out.append(f"ds_config={REPO / 'ds_configs' / ('zero' + p['stage'] + ('_offload' if offload else '') + '.json')}")
+        out.append(f"ds_config={DS_CONFIGS / ('zero' + p['stage'] + ('_offload' if offload else '') + '.json')}")
     if "grad_ckpt" in p:
         out.append(f"model.grad_ckpt={str(p['grad_ckpt'] == 'full').lower()}")
     if "micro_batch" in p:
@@ -212,7 +212,7 @@ def _release_heap() -> None:
 def load_recipe(recipe: str | Path = RECIPE):
     """A recipe script as a module (its `main(cfg)`), and its defaults YAML (configs/<name>.yaml)."""
     import importlib.util
-    recipe = Path(recipe) if Path(recipe).suffix else REPO / "recipes" / f"{recipe}.py"
+    recipe = Path(recipe) if Path(recipe).suffix else RECIPES / f"{recipe}.py"
     spec = importlib.util.spec_from_file_location(f"recipe_{recipe.stem}", recipe)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -289,7 +289,7 @@ def launch(runs: list[dict], nproc: int, out: Path, tag: str, timeout: float) ->
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=launch_env(), stdout=f, stderr=subprocess.STDOUT,
+            rc = subprocess.run(cmd, env=launch_env(), stdout=f, stderr=subprocess.STDOUT,
                                 timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -480,7 +480,7 @@ def versions() -> dict:
     import torch
     import transformers
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=PACKAGE, capture_output=True,
                                 text=True).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"

@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 from zerokit.errors import UsageError
+from zerokit.resources import DS_CONFIGS
 from zerokit.lab.memory import partition_overlap
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIGS = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 ROLES = ("weights", "gradients", "master", "moments")
 MiB = 2**20
@@ -213,7 +213,7 @@ def config_path(name: str, nvme_path: str | None, tmp: Path) -> Path:
     """A name in ds_configs/ or a JSON path; NVMe configs get `nvme_path` rewritten in a temp copy."""
     path = Path(name)
     if not path.suffix:
-        path = REPO / "ds_configs" / f"{name}.json"
+        path = DS_CONFIGS / f"{name}.json"
     if not path.is_file():
         raise UsageError(f"DeepSpeed config {name!r} not found ({path}); give a name from ds_configs/ or a JSON path")
     ds = json.loads(path.read_text())
