@@ -7,7 +7,6 @@ way, so the project venv's editable zerokit is not on the path, and the test che
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -190,7 +190,10 @@ def warm_start(encoder: str, out_dir: str | Path, kind: str = "causal-lm", decod
 
 def warm_start_main(argv: list[str]) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="zerokit warm-start", description=warm_start.__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="zerokit warm-start", description=warm_start.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  zerokit warm-start minilm bases/minilm-lm\n"
+                                       "  zerokit train finetune_summarization model.name_or_path=bases/minilm-lm")
     p.add_argument("encoder", help="a pretrained encoder folder, hub name, or alias (minilm)")
     p.add_argument("out_dir", help="where to write the model folder (+ tokenizer)")
     p.add_argument("--kind", default="causal-lm", choices=["causal-lm", "seq2seq"],
