@@ -1,7 +1,7 @@
 """SLURM batch scripts for the recipes, all from one template.
 
     zerokit slurm --nodes 2 --gpus 4 --time 04:00:00 pretrain_gpt -- train.max_steps=5000
-    python -m zerokit.launch --regenerate launch/slurm   # (in the checkout) rewrite the committed scripts
+    python -m zerokit.launch --regenerate [launch/slurm]   # (in the checkout) rewrite the committed scripts
 
 The script runs one `torchrun` per node under `srun`; torchrun starts one rank per GPU (one per node with
 --gpus 0, on gloo). A packaged recipe (NAME or recipes/NAME.py) runs as `torchrun ... -m zerokit train NAME`,
@@ -363,7 +363,7 @@ def regenerate(directory: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--regenerate"] and len(sys.argv) == 3:
-        regenerate(Path(sys.argv[2]))
+    if sys.argv[1:2] == ["--regenerate"] and len(sys.argv) <= 3:  # default: launch/slurm of the checkout you are in
+        regenerate(Path(sys.argv[2] if len(sys.argv) == 3 else "launch/slurm"))
         sys.exit(0)
     sys.exit(slurm_main(sys.argv[1:]))

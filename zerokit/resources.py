@@ -37,7 +37,8 @@ def find_ds_config(value: str | None) -> str | None:
     if path.parent in (Path("."), Path("ds_configs")) and path.stem in ds_config_names() and path.suffix in ("", ".json"):
         return str(DS_CONFIGS / f"{path.stem}.json")
     raise UsageError(f"DeepSpeed config not found: {value}; pass an existing JSON path, or a packaged name "
-                     f"({', '.join(ds_config_names())}; also as ds_configs/NAME.json when no such file is here)")
+                     f"({', '.join(ds_config_names())}), e.g. ds_config=zero2 (ds_config=ds_configs/zero2.json "
+                     "names it too where no such file exists)")
 
 
 def copy_configs(dest: Path) -> list[Path]:
