@@ -99,7 +99,8 @@ def train_main(argv: list[str]) -> int:
               "Under a launcher: torchrun --nproc_per_node 2 -m zerokit train RECIPE ...\n\n"
               "examples:\n  zerokit train pretrain_gpt model.preset=gpt-tiny train.max_steps=50\n"
               "  torchrun --nproc_per_node 2 -m zerokit train finetune_sentiment ds_config=zero2 peft=none\n"
-              "  accelerate launch --num_processes 2 -m zerokit train pretrain_gpt ds_config=zero3")
+              "  accelerate launch --num_processes 2 -m zerokit train pretrain_gpt ds_config=zero3",
+              file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name = recipe_script(argv[0]).stem
     recipe = importlib.import_module(f"zerokit.recipes.{name}")
