@@ -264,7 +264,7 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
     if run_dir and Path(run_dir).expanduser().exists() and not Path(run_dir).expanduser().is_dir():
         raise UsageError(f"run_dir={run_dir} is a file, not a folder; set run_dir to a new or existing folder")
     if cfg.get("ds_config") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from zerokit.backends import deepspeed_config_path
+        from zerokit.backends.common import deepspeed_config_path
         from zerokit.backends.deepspeed import load_ds_json
         path = deepspeed_config_path(cfg.get("ds_config"))
         if path:
@@ -283,7 +283,7 @@ def _check_ds_config(ds: dict, train) -> None:
         return
     import torch
 
-    from zerokit.backends import resolve_precision
+    from zerokit.backends.common import resolve_precision
     from zerokit.backends.deepspeed import resolve_ds_config
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolve_ds_config(ds, train, int(os.environ.get("WORLD_SIZE", "1")), None, resolve_precision(train.precision, device))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from zerokit.backends import check_accelerate_flags, resolve_precision
+from zerokit.backends.common import check_accelerate_flags, resolve_precision
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.locks import exclusive
