@@ -1,6 +1,9 @@
 """Run configuration: a recipe's YAML file plus `key=value` overrides.
 
-The YAML next to each recipe holds every default, each explained on its own line.
+The recipe YAMLs (zerokit/recipes/configs/) hold every default, each explained once on its own line: base.yaml
+has the keys every recipe shares, and a recipe's YAML names its base (`base: finetune.yaml`) and holds only what
+it adds or changes (merged over the base, recursively). `${NAME:-default}` in a YAML string is the environment
+variable NAME, or the default (the data root: ZEROKIT_DATA).
 Overrides use dotted keys (`train.lr=3e-4`); values are parsed as YAML scalars.
 Unknown keys, malformed YAML, values of the wrong type and values out of range (RULES, the one
 table of what each setting may be) are `UsageError`s, raised before any process group or model exists.
@@ -11,6 +14,7 @@ import difflib
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,51 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"{path} must hold a YAML mapping of settings, not {type(data).__name__}")
     return data
+
+
+def load_layered_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML with its `base:` chain merged under it (the file's own values win) and `${NAME:-default}` expanded."""
+    path = Path(path)
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UsageError(f"{path}: base must be the file name of the YAML it builds on, e.g. base: base.yaml")
+        base_path = path.parent / base
+        if base_path.resolve() in _seen:
+            raise UsageError(f"{path}: base {base} leads back to itself; break the loop of base: entries")
+        merged = load_layered_yaml(base_path, _seen + (path.resolve(),))
+        _overlay(merged, data)
+        data = merged
+    return _expand_env(data, path) if not _seen else data
+
+
+def _overlay(base: dict, extra: dict) -> None:
+    """`extra` over `base` in place: sections merge, values replace, new keys are added."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _overlay(base[k], v)
+        else:
+            base[k] = v
+
+
+_ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(value, path: Path):
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def sub(m):
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise UsageError(f"{path} uses ${{{name}}}, which is not set; export {name}=... or write ${{{name}:-default}}")
+        return default
+    return _ENV_REF.sub(sub, value)
 
 
 def _flat_keys(d: dict, prefix: str = "") -> list[str]:
@@ -132,14 +181,14 @@ def parse_overrides(args: list[str]) -> dict:
 
 def load_config(defaults_path: str | Path, overrides: list[str], config_path: str | Path | None = None) -> Config:
     """Defaults YAML <- optional user YAML (--config) <- key=value overrides."""
-    cfg = load_yaml(defaults_path)
+    cfg = load_layered_yaml(defaults_path)
     if config_path:
-        user = load_yaml(config_path)
+        user = load_layered_yaml(config_path)
         try:
             merge(cfg, user)
         except UsageError as e:
             raise UsageError(f"{config_path}: {e}") from None
-    defaults = _wrap(load_yaml(defaults_path))
+    defaults = _wrap(load_layered_yaml(defaults_path))
     merge(cfg, parse_overrides(overrides))
     cfg = _wrap(cfg)
     validate(cfg, defaults)

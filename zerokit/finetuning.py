@@ -231,7 +231,7 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     from zerokit.loop import train
 
     check_peft(cfg)
-    info = init_distributed(cfg.train.dist_timeout_s)
+    info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads)
     path = resolve_model_path(cfg.model.name_or_path)
     encoder_decoder = kind == "causal_lm" and is_encoder_decoder(path)
     if encoder_decoder:
