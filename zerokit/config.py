@@ -192,6 +192,10 @@ def load_config(defaults_path: str | Path, overrides: list[str], config_path: st
     merge(cfg, parse_overrides(overrides))
     cfg = _wrap(cfg)
     validate(cfg, defaults)
+    preset = lookup(cfg, "model.preset")
+    if isinstance(preset, str):  # an alias (gpt2) runs and is saved as the preset it names (gpt2-124m)
+        from zerokit.models import preset_name
+        cfg.model.preset = preset_name(preset) or preset
     return cfg
 
 
@@ -247,10 +251,14 @@ def _threads():
 
 
 def _presets():
-    def names():  # imported on use: the recipe with a model.preset has loaded zerokit.models already
-        from zerokit.models import PRESETS
-        return list(PRESETS)
-    return (lambda v: v in names()), lambda: "one of " + ", ".join(names())
+    def ok(v):  # imported on use: the recipe with a model.preset has loaded zerokit.models already
+        from zerokit.models import preset_name
+        return preset_name(v) is not None
+
+    def what():
+        from zerokit.models import preset_choices
+        return "one of the " + preset_choices()
+    return ok, what
 
 
 # Every setting with a restricted range, in one place. A recipe's keys that appear here are checked

@@ -71,10 +71,6 @@ def preset_choices() -> str:
             + ", ".join(f"{alias} ({preset})" for alias, preset in PRESET_ALIASES.items()))
 
 
-def unknown_preset(name, key: str = "model.preset") -> UsageError:
-    return UsageError(f"unknown {key} '{name}'; choose one of the {preset_choices()}")
-
-
 def model_config(preset_or_path: str, vocab_size: int | None = None, block_size: int | None = None,
                  dropout: float | None = None, eos_token_id: int | None = None) -> PretrainedConfig:
     """The HF config of a preset or alias (with run-specific vocab/context/dropout) or of a path/hub name."""
