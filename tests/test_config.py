@@ -48,7 +48,7 @@ def test_malformed_yaml_names_the_line(tmp_path):
 # Every key the code reads must be defined in the config of each recipe that runs that code: a key read by
 # loop.py but defined only in the pre-training YAML (prometheus_port, once) breaks the fine-tuning recipes.
 # Which code a recipe runs is its import closure (tests/test_architecture.py's graph); the reads are found
-# with ast: `cfg.a.b`, `cfg.get("a")`, `t.b` after `t = cfg.train`, and a backend's `train.b` parameter.
+# with ast: `cfg.a.b`, `cfg.get("a")`, `t.b` after `t = cfg.train`, and `train.b` / `data.b` of a parameter so named.
 
 import ast  # noqa: E402
 
@@ -56,6 +56,8 @@ from test_architecture import import_graph, modules  # noqa: E402
 
 from zerokit.config import MISSING, load_layered_yaml, lookup  # noqa: E402
 
+# A parameter of these names is that section of the run config (backends take `train`, data prep `data`).
+SECTION_PARAMETERS = {"train", "data"}
 _NOT_KEYS = {"get", "items", "keys", "values", "to_dict", "setdefault", "update", "pop", "copy"}
 
 
@@ -90,8 +92,8 @@ def config_reads(source: str) -> set[str]:
     scopes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     for fn in scopes:
         roots = {} if _binds(fn, "cfg") else {"cfg": []}
-        if "train" in {a.arg for a in fn.args.args + fn.args.kwonlyargs}:
-            roots["train"] = ["train"]
+        for section in SECTION_PARAMETERS & {a.arg for a in fn.args.args + fn.args.kwonlyargs}:
+            roots[section] = [section]
         for node in ast.walk(fn):  # aliases: t = cfg.train; ex, run_dir = cfg.export, Path(cfg.run_dir)
             if isinstance(node, ast.Assign) and len(node.targets) == 1:
                 pairs = zip(node.targets[0].elts, node.value.elts) if isinstance(node.targets[0], ast.Tuple) \
