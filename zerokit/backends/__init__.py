@@ -1,12 +1,17 @@
 """Backends: the handful of verbs the training loop needs from a sharding engine.
 
+    model               what the forward pass is called on (the engine's wrapper)
+    module              the plain nn.Module (eval, generation, export)
+    autocast()          context for evaluation's forward: torch.autocast for plain bf16/fp16; a no-op where
+                        the engine casts the weights itself (DeepSpeed, FSDP2)
     micro_batch(sync)   context for one micro-batch's forward+backward (gradient sync on/off)
     backward(loss, sync) backward of an already-normalised loss
+    set_lr(lr)          the step's learning rate
     step()              optimizer step at the end of an accumulation window; returns the grad norm
-    set_lr(lr)
+    skip_step()         drop the window's gradients without an update (train.nonfinite=skip)
+    skipped_updates     updates the engine itself refused (fp16 overflow)
     save(dir) / load(dir)  a sharded checkpoint directory (all ranks call)
-    module              the plain nn.Module (eval, generation)
-    model               what the forward pass is called on
+    name, precision, optimizer   which engine, the resolved precision, the optimizer holding the lr
 
 One class per engine (plain/DDP, DeepSpeed, FSDP2); the loop never asks which one it has.
 """

@@ -2,7 +2,8 @@
 
 * `train_batches(micro_batch_size, grad_accum, rank, world_size, seed)` -> a `TaskBatches` (data/batches.py:
   the deterministic, resumable iterator of each step's micro-batches);
-* `loss(model, batch)` -> (summed loss, token or sample count), normalised by the loop over the window;
+* `loss(model, batch)` -> (summed loss, its target count); the loop divides by the window's target count,
+  counted from each batch's `targets` or `labels` (-100: no target);
 * `evaluate(model, rank, world_size)` -> a dict of metrics, the same on every rank.
 
 The tasks: `SentimentTask` (data/sentiment.py) and `SummarizationTask` (data/summarization.py); their records
