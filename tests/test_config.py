@@ -192,6 +192,9 @@ def test_yaml_environment_references(tmp_path, monkeypatch):
         load_config(recipe, [])
     monkeypatch.setenv("ZK_TEST_ROOT", "/data")
     assert load_config(recipe, []).to_dict() == {"x": 3, "data": {"path": "/data/sst2", "keep": 2, "extra": "/data"}}
+    base.unlink()
+    with pytest.raises(UsageError, match="builds on b.yaml, which is not in"):
+        load_config(recipe, [])
     base.write_text("base: r.yaml\n")
     with pytest.raises(UsageError, match="leads back to itself"):
         load_config(recipe, [])

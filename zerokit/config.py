@@ -69,6 +69,9 @@ def load_layered_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         if not isinstance(base, str):
             raise UsageError(f"{path}: base must be the file name of the YAML it builds on, e.g. base: base.yaml")
         base_path = path.parent / base
+        if not base_path.is_file():
+            raise UsageError(f"{path} builds on {base}, which is not in {path.parent}; put the recipe's base YAMLs "
+                             f"(recipes/configs/*.yaml) beside it, or drop its base: line and give every key")
         if base_path.resolve() in _seen:
             raise UsageError(f"{path}: base {base} leads back to itself; break the loop of base: entries")
         merged = load_layered_yaml(base_path, _seen + (path.resolve(),))
@@ -116,7 +119,7 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 def _unknown_key(key: str, known: dict) -> UsageError:
     close = difflib.get_close_matches(key, _flat_keys(known), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see the recipe's YAML for the keys"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see the recipe's YAML and the base YAMLs it names (recipes/configs/) for the keys"
     return UsageError(f"unknown config key '{key}'{hint}")
 
 
