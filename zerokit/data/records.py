@@ -128,7 +128,6 @@ def column(records: list[dict], col: str, where: str, kind: type) -> list:
     return out
 
 
-
 def read_columns(spec, split: str, columns: Sequence[tuple[str, type]]) -> tuple[str, list[list]]:
     """`load_records(spec, split)`'s columns ((name, str or int) pairs), and how to name the split in errors.
     No spec (a task without that split): empty columns."""
