@@ -19,8 +19,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from zerokit.data.tasks import eval_mode, pad
+from zerokit.data.batches import pad
 from zerokit.errors import UsageError
+from zerokit.models import eval_mode
 
 STRATEGIES = ("greedy", "beam", "sample")
 
