@@ -88,7 +88,15 @@ def test_installed_train_pretrains_outside_the_repo(installed, data_dir):
 def test_installed_configs_copies_and_refuses_to_overwrite(installed):
     work = installed["work"]
     sh([installed["venv"] / "bin" / "python", "-m", "zerokit", "configs", "cfgs"], work, env=installed["env"])
-    assert {p.name for p in (work / "cfgs" / "recipes").iterdir()} == {f"{r}.yaml" for r in RECIPES}
+    packaged = {p.name for p in (REPO / "zerokit" / "recipes" / "configs").glob("*.yaml")}
+    assert {p.name for p in (work / "cfgs" / "recipes").iterdir()} == packaged >= {f"{r}.yaml" for r in RECIPES}
+    # a copied recipe YAML loads as --config (its base YAMLs came along), and an edit in it is read
+    edited = work / "cfgs" / "recipes" / "finetune_sentiment.yaml"
+    edited.write_text(edited.read_text().replace("run_dir: runs/finetune_sentiment", "run_dir: edited"))
+    probe = ("from zerokit.config import load_config; from zerokit.resources import RECIPE_CONFIGS as C; "
+             "print(load_config(C / 'finetune_sentiment.yaml', [], 'cfgs/recipes/finetune_sentiment.yaml').run_dir)")
+    out = sh([installed["venv"] / "bin" / "python", "-c", probe], work, env=installed["env"]).stdout
+    assert out.strip() == "edited"
     for p in (REPO / "zerokit" / "ds_configs").glob("*.json"):
         assert (work / "cfgs" / "ds_configs" / p.name).read_text() == p.read_text()
     again = subprocess.run(["zerokit", "configs", "cfgs"], cwd=work, env=installed["env"], text=True,
