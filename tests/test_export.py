@@ -270,6 +270,34 @@ def test_lora_export_takes_a_moved_base(runs, tmp_path, capsys):
     assert all(torch.equal(v, _weights(runs / "sent_lora" / "model")[k]) for k, v in _weights(out).items())
 
 
+def test_a_run_folder_exports_its_newest_valid_checkpoint(runs, tmp_path, capsys):
+    import shutil
+    from zerokit.cli import main
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "fsdp" / "checkpoints", run_dir / "checkpoints")
+    older, newest = run_dir / "checkpoints" / "step_2", run_dir / "checkpoints" / f"step_{STEPS}"
+    assert older.is_dir() and newest.is_dir()
+    want_newest, want_older = _weights(_export(newest, tmp_path / "newest")), _weights(_export(older, tmp_path / "older"))
+    assert any(not torch.equal(want_newest[k], want_older[k]) for k in want_newest)  # the two steps tell apart
+
+    def same(got, want):
+        return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    assert same(_weights(_export(run_dir, tmp_path / "a")), want_newest)
+    # a damaged newest checkpoint is passed over (and left where it is), as resume=auto would
+    with open(newest / "trainer_state.json", "a") as f:
+        f.write(" ")
+    assert same(_weights(_export(run_dir, tmp_path / "b")), want_older)
+    assert newest.is_dir()
+    with open(older / "trainer_state.json", "a") as f:
+        f.write(" ")
+    capsys.readouterr()  # the exports' progress bars
+    assert main(["export", str(run_dir), str(tmp_path / "c")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no valid checkpoint" in lines[0], lines
+    assert not (tmp_path / "c").exists()
+
+
 # ----------------------------------------------------------------------------- bad paths
 
 def test_out_is_never_half_written(tmp_path):

@@ -1,4 +1,4 @@
-"""`zerokit export <checkpoint_dir> <out_dir>`: any checkpoint a recipe writes (pre-training or
+"""`zerokit export <checkpoint_dir | run_dir> <out_dir>`: any checkpoint a recipe writes (pre-training or
 fine-tuning; full, LoRA or QLoRA; plain/DDP, DeepSpeed ZeRO 0-3, FSDP2) -> a Hugging Face model
 directory (config, safetensors weights, tokenizer, generation config), plus `<out_dir>/adapter`
 (peft) for LoRA/QLoRA runs.
@@ -278,11 +278,27 @@ def save_model_dir(model, out: Path, tokenizer, dtype: torch.dtype = torch.float
 
 # ----------------------------------------------------------------------------- the command
 
+def checkpoint_of(path: str | Path) -> Path:
+    """`path` if it is a checkpoint folder; for a run folder, its newest checkpoint that verifies against its
+    manifest (what resume=auto would take)."""
+    run_dir = Path(path)
+    if not (run_dir / "checkpoints").is_dir() or (run_dir / "trainer_state.json").is_file():
+        return run_dir
+    from zerokit import manifest
+    from zerokit.checkpoint import checkpoints
+    for ckpt in reversed(checkpoints(run_dir)):
+        if not manifest.problems(ckpt):
+            return ckpt
+    raise UsageError(f"{run_dir}/checkpoints holds no valid checkpoint; train with train.checkpoint_every=N "
+                     f"(a run also checkpoints at its last step), or pass a <run_dir>/checkpoints/step_N folder")
+
+
 def export(ckpt: str | Path, out_dir: str | Path, dtype: str = "float32", base: str | None = None) -> Path:
+    """Export a checkpoint folder, or a run folder's newest valid checkpoint."""
     from transformers import AutoTokenizer
-    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    ckpt, out_dir = checkpoint_of(ckpt), Path(out_dir)
     if not ckpt.is_dir():
-        raise UsageError(f"checkpoint {ckpt} not found; pass an existing <run_dir>/checkpoints/step_N folder")
+        raise UsageError(f"checkpoint {ckpt} not found; pass an existing run folder or <run_dir>/checkpoints/step_N folder")
     if not (ckpt / "trainer_state.json").is_file():
         raise UsageError(f"{ckpt} is not a zerokit checkpoint (no trainer_state.json); pass <run_dir>/checkpoints/step_N")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -301,14 +317,17 @@ def export(ckpt: str | Path, out_dir: str | Path, dtype: str = "float32", base: 
 def export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="zerokit export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  zerokit export runs/pretrain_gpt/checkpoints/step_200 exported/gpt "
+                                epilog="examples:\n  zerokit export runs/pretrain_gpt exported/gpt   # the run's newest valid checkpoint\n"
+                                       "  zerokit export runs/pretrain_gpt/checkpoints/step_200 exported/gpt200 "
                                        "--dtype bfloat16")
-    p.add_argument("checkpoint", help="<run_dir>/checkpoints/step_N (any recipe, backend and world size)")
+    p.add_argument("checkpoint", help="<run_dir> (its newest valid checkpoint) or <run_dir>/checkpoints/step_N "
+                                      "(any recipe, backend and world size)")
     p.add_argument("out_dir", help="where to write the Hugging Face model directory (must not exist yet)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved model weights (the LoRA adapter stays fp32)")
     p.add_argument("--base", help="LoRA/QLoRA: the base model, if it moved from the path the run recorded")
     args = p.parse_args(argv)
-    out = export(args.checkpoint, args.out_dir, args.dtype, args.base)
-    print(f"exported {args.checkpoint} -> {out}")
+    ckpt = checkpoint_of(args.checkpoint)
+    out = export(ckpt, args.out_dir, args.dtype, args.base)
+    print(f"exported {ckpt} -> {out}")
     return 0
