@@ -194,7 +194,7 @@ def test_blocks_run_on_a_fresh_clone(tmp_path, data_dir, doc):
             proc = run_line(cmd, clone, environ, timeout=600)
             timings.append(f"{time.perf_counter() - t0:6.1f} s  {doc.name}:{line}  {cmd[:150]}")
             assert proc.returncode == 0, (f"{doc.name}:{line}: {cmd}\nexit {proc.returncode}\n"
-                                          f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+                                          f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}\nbefore it:\n" + "\n".join(timings))
             if cmd in ACTIVATE:  # what activating does for the commands after it
                 environ.update(PATH=f"{clone / '.venv' / 'bin'}{os.pathsep}{system_path}", VIRTUAL_ENV=str(clone / ".venv"))
     print("\n".join(timings))
