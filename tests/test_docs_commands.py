@@ -85,8 +85,8 @@ def subcommand(words: list[str]) -> str | None:
 def shrink(words: list[str]) -> list[str]:
     """At most 2 ranks where a command launches them; a training command gets a few steps of a tiny model."""
     if words[:2] == ["make", "demo"]:
-        args = " ".join(w[5:] for w in words[2:] if w.startswith("ARGS="))
-        return ["make", "demo", f"ARGS={args} {' '.join(TINY['pretrain_gpt'])}".strip()]
+        args = [w[5:] for w in words[2:] if w.startswith("ARGS=")] + TINY["pretrain_gpt"]
+        return ["make", "demo", "ARGS=" + " ".join(args)]
     if subcommand(words) == "slurm":  # writes a batch script; nothing trains here
         return words
     if subcommand(words) not in NO_LAUNCH or "--verify" in words:
