@@ -33,7 +33,7 @@ def pytest_sessionstart(session):
     import time
 
     from launch_util import EXTENSIONS
-    for lock in EXTENSIONS.glob("*/*/lock"):
+    for lock in EXTENSIONS.glob("*/lock"):  # TORCH_EXTENSIONS_DIR/<op>/lock
         if time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
             print(f"removed a stale DeepSpeed build lock: {lock}")

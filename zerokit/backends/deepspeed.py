@@ -266,7 +266,7 @@ def warn_stale_build_locks(max_age_s: float = 900) -> None:
 
     from torch.utils.cpp_extension import get_default_build_root
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    for lock in root.glob("*/*/lock"):
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <dir>/<op>/ when set, else <root>/py311_cpu/<op>/
         with contextlib.suppress(OSError):
             if time.time() - lock.stat().st_mtime > max_age_s:
                 log.warning("%s is %.0f min old: a killed DeepSpeed op build left it, and DeepSpeed waits on it "
