@@ -68,6 +68,13 @@ def _fill(section: dict, key: str, value, where: str, fix: str) -> None:
                          f"set it to \"auto\" in the JSON or {fix}")
 
 
+def auto_zero_sizes(hidden_size: int) -> dict:
+    """What "auto" means for ZeRO's sizes (elements): Hugging Face's integration derives them from the width."""
+    return {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+
+
 def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None, precision: str) -> dict:
     """Fill "auto" values from the run and reject values that contradict it."""
     ds = json.loads(json.dumps(ds))  # a private copy
@@ -87,10 +94,8 @@ def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None,
             _fill(params, key, value, "optimizer.params.", f"set train.{key}")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     fill_precision_types(ds, precision, train.grad_accum)
-    if hidden_size:  # the bucket sizes Hugging Face's integration derives from the width
-        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+    if hidden_size:
+        for key, value in auto_zero_sizes(hidden_size).items():
             if zero.get(key) == "auto":
                 zero[key] = value
     return ds
