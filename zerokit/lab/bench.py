@@ -320,7 +320,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", nargs="+", default=["stage=0,3"], metavar="KEY=V1,V2",
                    help=f"keys: {', '.join(SWEEP_KEYS)} (stage none = plain DDP; offload: ZeRO-2 optimizer, "
                         "ZeRO-3 and FSDP all)")
-    add_gpus(p, default=2, old="--gpus")
+    add_gpus(p, default=2, old="--nproc")
     add_model(p, default="gpt-tiny")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per point")
     p.add_argument("--out", default="runs/bench", help="output folder")
