@@ -15,7 +15,7 @@ POINTS = [dict(stage=s, grad_ckpt=c, micro_batch=b, peft=f) for s in (0, 1, 2, 3
 POINTS += [dict(stage=s, grad_ckpt="full", micro_batch=4, peft="lora") for s in (0, 3)]  # like-for-like ckpt pairs
 
 
-@pytest.mark.slow  # 46 s (.ci/run runs the slow cases; bench/verify_cpu.sh runs 32 points)
+@pytest.mark.slow  # ~70 s (.ci/run runs the slow cases; bench/verify_cpu.sh runs 32 points)
 def test_estimate_matches_real_zero_steps_on_two_ranks(verify_model_dir):
     rows = run_points(verify_model_dir, POINTS, world_size=2, seq=SEQ, timed_steps=0)
     assert len(rows) == len(POINTS)
