@@ -44,3 +44,8 @@ def test_deepspeed_batch_size_contradiction(tmp_path, data_dir):
 def test_debug_shows_the_traceback(tmp_path):
     proc = run([sys.executable, PRETRAIN, f"run_dir={tmp_path}", "train.nope=1", "--debug"], check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unknown_packaged_ds_config_names_the_packaged_ones(tmp_path):
+    line = _fails_cleanly(["ds_config=zero9"], tmp_path, "DeepSpeed config not found: zero9")
+    assert "zero2_offload" in line and "ds_config=zero2" in line  # the names that do exist, and how to write one

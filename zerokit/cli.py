@@ -1,4 +1,4 @@
-"""`zerokit <command>`: the toolkit's command line. Each command lives in its own module
+"""`zerokit <command>` (or `python -m zerokit <command>`): the toolkit's command line. Each command lives in its own module
 and exposes `main(argv) -> exit status`; user errors print one line and exit 2."""
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from zerokit.errors import UsageError
 
 COMMANDS = {
+    "train": ("zerokit.recipe", "train_main", "run a recipe: pretrain_gpt, finetune_sentiment, finetune_summarization"),
+    "configs": ("zerokit.resources", "configs_main", "copy the recipe YAMLs and DeepSpeed JSONs out, for editing"),
     "export": ("zerokit.export", "export_main", "checkpoint -> Hugging Face model directory"),
     "warm-start": ("zerokit.models", "warm_start_main", "a causal LM or encoder-decoder from a pretrained encoder (MiniLM)"),
     "generate": ("zerokit.generate", "generate_main", "sample text from a model directory (+ LoRA adapter)"),
@@ -23,7 +25,9 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: zerokit <command> [args]   (zerokit <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<10} {doc}" for name, (_, _, doc) in COMMANDS.items()]
-    lines += ["", "Training runs through the recipes: python recipes/pretrain_gpt.py key=value ..."]
+    lines += ["", "examples:", "  zerokit train pretrain_gpt model.preset=gpt-tiny train.max_steps=100",
+              "  torchrun --nproc_per_node 2 -m zerokit train pretrain_gpt ds_config=zero2",
+              "  zerokit configs my_configs"]
     return "\n".join(lines)
 
 
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func, _ = COMMANDS[argv[0]]
     debug = "--debug" in argv
-    rest = [a for a in argv[1:] if a != "--debug"]
+    # `train` hands --debug on to the recipe, which reads it itself
+    rest = argv[1:] if argv[0] == "train" else [a for a in argv[1:] if a != "--debug"]
     try:
         return getattr(importlib.import_module(module), func)(rest) or 0
     except UsageError as e:

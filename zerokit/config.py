@@ -1,6 +1,9 @@
 """Run configuration: a recipe's YAML file plus `key=value` overrides.
 
-The YAML next to each recipe holds every default, each explained on its own line.
+The recipe YAMLs (zerokit/recipes/configs/) hold every default, each explained once on its own line: base.yaml
+has the keys every recipe shares, and a recipe's YAML names its base (`base: finetune.yaml`) and holds only what
+it adds or changes (merged over the base, recursively). `${NAME:-default}` in a YAML string is the environment
+variable NAME, or the default (the data root: ZEROKIT_DATA).
 Overrides use dotted keys (`train.lr=3e-4`); values are parsed as YAML scalars.
 Unknown keys, malformed YAML, values of the wrong type and values out of range (RULES, the one
 table of what each setting may be) are `UsageError`s, raised before any process group or model exists.
@@ -11,6 +14,7 @@ import difflib
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,54 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def load_layered_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML with its `base:` chain merged under it (the file's own values win) and `${NAME:-default}` expanded."""
+    path = Path(path)
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UsageError(f"{path}: base must be the file name of the YAML it builds on, e.g. base: base.yaml")
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise UsageError(f"{path} builds on {base}, which is not in {path.parent}; put the recipe's base YAMLs "
+                             f"(recipes/configs/*.yaml) beside it, or drop its base: line and give every key")
+        if base_path.resolve() in _seen:
+            raise UsageError(f"{path}: base {base} leads back to itself; break the loop of base: entries")
+        merged = load_layered_yaml(base_path, _seen + (path.resolve(),))
+        _overlay(merged, data)
+        data = merged
+    return _expand_env(data, path) if not _seen else data
+
+
+def _overlay(base: dict, extra: dict) -> None:
+    """`extra` over `base` in place: sections merge, values replace, new keys are added."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _overlay(base[k], v)
+        else:
+            base[k] = v
+
+
+_ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(value, path: Path):
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def sub(m):
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise UsageError(f"{path} uses ${{{name}}}, which is not set; export {name}=... or write ${{{name}:-default}}")
+        return default
+    return _ENV_REF.sub(sub, value)
+
+
 def _flat_keys(d: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in d.items():
@@ -67,7 +119,7 @@ def _flat_keys(d: dict, prefix: str = "") -> list[str]:
 
 def _unknown_key(key: str, known: dict) -> UsageError:
     close = difflib.get_close_matches(key, _flat_keys(known), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see the recipe's YAML for the keys"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see the recipe's YAML and the base YAMLs it names (recipes/configs/) for the keys"
     return UsageError(f"unknown config key '{key}'{hint}")
 
 
@@ -132,17 +184,21 @@ def parse_overrides(args: list[str]) -> dict:
 
 def load_config(defaults_path: str | Path, overrides: list[str], config_path: str | Path | None = None) -> Config:
     """Defaults YAML <- optional user YAML (--config) <- key=value overrides."""
-    cfg = load_yaml(defaults_path)
+    cfg = load_layered_yaml(defaults_path)
     if config_path:
-        user = load_yaml(config_path)
+        user = load_layered_yaml(config_path)
         try:
             merge(cfg, user)
         except UsageError as e:
             raise UsageError(f"{config_path}: {e}") from None
-    defaults = _wrap(load_yaml(defaults_path))
+    defaults = _wrap(load_layered_yaml(defaults_path))
     merge(cfg, parse_overrides(overrides))
     cfg = _wrap(cfg)
     validate(cfg, defaults)
+    preset = lookup(cfg, "model.preset")
+    if isinstance(preset, str):  # an alias (gpt2) runs and is saved as the preset it names (gpt2-124m)
+        from zerokit.models import preset_name
+        cfg.model.preset = preset_name(preset) or preset
     return cfg
 
 
@@ -198,10 +254,14 @@ def _threads():
 
 
 def _presets():
-    def names():  # imported on use: the recipe with a model.preset has loaded zerokit.models already
-        from zerokit.models import PRESETS
-        return list(PRESETS)
-    return (lambda v: v in names()), lambda: "one of " + ", ".join(names())
+    def ok(v):  # imported on use: the recipe with a model.preset has loaded zerokit.models already
+        from zerokit.models import preset_name
+        return preset_name(v) is not None
+
+    def what():
+        from zerokit.models import preset_choices
+        return "one of the " + preset_choices()
+    return ok, what
 
 
 # Every setting with a restricted range, in one place. A recipe's keys that appear here are checked
@@ -264,7 +324,7 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
     if run_dir and Path(run_dir).expanduser().exists() and not Path(run_dir).expanduser().is_dir():
         raise UsageError(f"run_dir={run_dir} is a file, not a folder; set run_dir to a new or existing folder")
     if cfg.get("ds_config") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from zerokit.backends import deepspeed_config_path
+        from zerokit.backends.common import deepspeed_config_path
         from zerokit.backends.deepspeed import load_ds_json
         path = deepspeed_config_path(cfg.get("ds_config"))
         if path:
@@ -283,7 +343,7 @@ def _check_ds_config(ds: dict, train) -> None:
         return
     import torch
 
-    from zerokit.backends import resolve_precision
+    from zerokit.backends.common import resolve_precision
     from zerokit.backends.deepspeed import resolve_ds_config
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolve_ds_config(ds, train, int(os.environ.get("WORLD_SIZE", "1")), None, resolve_precision(train.precision, device))

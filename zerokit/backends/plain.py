@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from zerokit.backends import resolve_precision
+from zerokit.backends.common import resolve_precision
 from zerokit.backends.loss_scaling import LossScaledDCP
 from zerokit.dist import DistInfo
 from zerokit.optim import build_adamw

@@ -43,10 +43,10 @@ from zerokit.lab.bench_report import (BASE_OVERRIDES, EST_ITEMS, SKIP_STEPS, mac
 from zerokit.lab.flags import MiB, add_gpus, add_model, parser, run_cli
 from zerokit.lab.workers import run_workers
 
-PACKAGE = Path(__file__).resolve().parents[1]  # recipes and DeepSpeed JSONs ship inside the package
-RECIPE = PACKAGE / "recipes" / "pretrain_gpt.py"
-DEFAULTS = PACKAGE / "recipes" / "configs" / "pretrain_gpt.yaml"
-DS_CONFIGS = PACKAGE / "ds_configs"
+from zerokit.resources import DS_CONFIGS, RECIPE_CONFIGS, RECIPES
+
+RECIPE = RECIPES / "pretrain_gpt.py"  # the packaged files: an installed zerokit has no repository
+DEFAULTS = RECIPE_CONFIGS / "pretrain_gpt.yaml"
 
 SWEEP_KEYS = {  # key -> allowed values (None: positive integers); offload "cpu": the former spelling
     "stage": ("none", "0", "1", "2", "3"),
@@ -215,7 +215,7 @@ def _release_heap() -> None:
 def load_recipe(recipe: str | Path = RECIPE):
     """A recipe script as a module (its `main(cfg)`), and its defaults YAML (configs/<name>.yaml)."""
     import importlib.util
-    recipe = Path(recipe) if Path(recipe).suffix else PACKAGE / "recipes" / f"{recipe}.py"
+    recipe = Path(recipe) if Path(recipe).suffix else RECIPES / f"{recipe}.py"
     spec = importlib.util.spec_from_file_location(f"recipe_{recipe.stem}", recipe)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

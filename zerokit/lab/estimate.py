@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from zerokit.backends.deepspeed import DEEPSPEED_DEFAULT_BUCKETS
 from zerokit.errors import UsageError
 from zerokit.lab.build import default_seq, resolve_config
 from zerokit.lab.flags import (GiB, OFFLOADS, STAGES, add_gpus, add_micro_batch, add_model, add_offload, add_json,
@@ -64,8 +65,11 @@ class Estimate:
 
 
 def _zero_size(zero: dict, key: str) -> int:
+    """A size of the zero section; one it leaves out is what DeepSpeed uses then."""
     if key in zero:
         return int(zero[key])
+    if key in DEEPSPEED_DEFAULT_BUCKETS:
+        return DEEPSPEED_DEFAULT_BUCKETS[key]
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     return int(getattr(DeepSpeedZeroConfig(), key.replace("stage3_", "")))
 

@@ -37,8 +37,7 @@ from zerokit.lab.flags import MiB, add_gpus, add_json, add_micro_batch, add_mode
 from zerokit.lab.measure import ROLES, held_by_role
 from zerokit.lab.workers import run_workers
 from zerokit.lab.zero_formula import model_states, model_stats
-
-DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # inside the package: there when installed
+from zerokit.resources import DS_CONFIGS
 DEFAULT_CONFIGS = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 # memtest role <- the formula's item
 ITEMS = {"weights": "weights", "gradients": "gradients", "master": "master_weights", "moments": "optimizer_state"}

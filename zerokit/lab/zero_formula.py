@@ -17,7 +17,7 @@ partition and an fp32 gradient copy 4Ψ/N; parameters (--offload params / all) m
 weight partition. Each item is returned on the device and on the host.
 
 ZeRO's sizes are DeepSpeed's "auto" values as zerokit's backend fills them
-(`zerokit.backends.deepspeed.auto_zero_sizes`): the estimate models what a run with "auto" gets.
+(`zerokit.backends.deepspeed.auto_bucket_sizes`): the estimate models what a run with "auto" gets.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from zerokit.backends.deepspeed import auto_zero_sizes
+from zerokit.backends.deepspeed import auto_bucket_sizes
 from zerokit.lab.build import blocks, meta_model
 from zerokit.lab.flags import offload_parts
 
@@ -111,7 +111,7 @@ def zero_config(stage: int, offload: str, stats: ModelStats) -> dict:
     """The zero_optimization section whose memory `estimate` models, and that `zerokit plan` writes:
     DeepSpeed's "auto" sizes as zerokit's backend fills them, and ZeRO-3's live parameters capped."""
     z = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
-    sizes = auto_zero_sizes(stats.hidden_size)
+    sizes = auto_bucket_sizes(stats.hidden_size)
     if stage >= 1:
         z["reduce_bucket_size"] = sizes["reduce_bucket_size"]
     if stage == 3:

@@ -1,9 +1,9 @@
 """Fine-tune a language model to summarise dialogues (DialogSum): SFT with the loss on summary tokens only;
 evaluation generates summaries for the validation split and scores ROUGE-1/2/L.
 
-    zerokit warm-start minilm runs/dialogsum_minilm/base             # the offline base (docs/finetuning.md)
-    python recipes/finetune_summarization.py model.name_or_path=runs/dialogsum_minilm/base
+    python recipes/finetune_summarization.py           # the offline MiniLM base, warm-started on first use
     torchrun --nproc_per_node 2 recipes/finetune_summarization.py ds_config=ds_configs/zero3.json peft=lora
+    zerokit train finetune_summarization model.name_or_path=facebook/bart-base   # wherever zerokit is installed
 
 Decoder-only models train on prompt_template(dialogue) + " " + summary + eos; encoder-decoder models
 (BART, T5) on dialogue -> summary. Every setting is in configs/finetune_summarization.yaml;
@@ -13,11 +13,13 @@ from pathlib import Path
 
 from zerokit.data.tasks import SummarizationTask
 from zerokit.finetuning import finetune
-from zerokit.recipe import run_recipe
+from zerokit.recipe import cached_warm_start, run_recipe
 
 
 def main(cfg):
     d, e = cfg.data, cfg.eval
+    # The default base, warm-start:minilm, is the MiniLM encoder made a causal LM, written to the cache once.
+    cfg.model.name_or_path = cached_warm_start(cfg.model.name_or_path, Path.home() / ".cache" / "zerokit")
 
     def make_task(tokenizer, encoder_decoder):
         return SummarizationTask(tokenizer, d.train, d.validation, max_length=d.max_length,
