@@ -22,7 +22,7 @@ def worker_env() -> dict:
     return env
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every rank: torchrun puts each rank in a session of its own."""
     import psutil
     groups = {proc.pid}
@@ -57,7 +57,7 @@ def run_workers(module: str, args: list[str], world_size: int, *, timeout: float
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_tree(proc)
+                kill_tree(proc)
                 proc.wait()
                 rc = f"timeout after {timeout:.0f} s"
         if rc != 0:
