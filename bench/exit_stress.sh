@@ -40,7 +40,7 @@ for i in $(seq 0 $((N - 1))); do
   t0=$SECONDS
   case $entry in
     recipe) "${TORCHRUN[@]}" recipes/pretrain_gpt.py "${common[@]}" "${engine_set[@]}" "run_dir=$run/run" ;;
-    bench)  "$PY" -m zerokit.cli bench --sweep "$sweep" --nproc 2 --model gpt-tiny --steps 3 --out "$run/bench" \
+    bench)  "$PY" -m zerokit.cli bench --sweep "$sweep" --gpus 2 --model gpt-tiny --steps 3 --out "$run/bench" \
               --set "${common[@]:2}" ;;
     many)   "$PY" -c 'import json, sys; json.dump([sys.argv[2:]], open(sys.argv[1], "w"))' "$run/runs.json" \
               "${common[@]}" "${engine_set[@]}" "run_dir=$run/run"

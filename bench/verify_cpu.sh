@@ -17,7 +17,7 @@ mkdir -p bench/results
   echo
   echo "\`bash bench/verify_cpu.sh\` ($(date -u +%Y-%m-%d), $(nproc) CPU cores). Model: GPT-2, 2 blocks, 256 wide,"
   echo "vocab 2048 (2.1M parameters). Each point: one step of 2 micro-batches on the rank with the highest peak."
-  echo "Measured: live tensor storages (allocator level, \`zerokit.lab.memory.LiveBytes\`), the engine's"
+  echo "Measured: live tensor storages (allocator level, \`zerokit.lab.measure.LiveBytes\`), the engine's"
   echo "own buffers included. States: the estimate's weights / gradients / fp32 master / Adam moments"
   echo "against what the engine holds mid-window. Step times are CPU times of this tiny model."
   echo

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from launch_util import EXTENSIONS
+
 REPO = Path(__file__).resolve().parents[1]
 # One setting finds the shared data: ZEROKIT_DATA, default ../shared/data beside the repo.
 DATA_DIR = Path(os.environ.get("ZEROKIT_DATA", REPO.parent / "shared" / "data"))
@@ -12,6 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# In-process DeepSpeed starts build their ops where the subprocesses do (launch_util.EXTENSIONS), not in ~/.cache.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS))
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +36,7 @@ def pytest_sessionstart(session):
     would wait on it until its timeout. No build takes 10 minutes, so an older lock has no owner."""
     import time
 
-    from launch_util import EXTENSIONS
-    for lock in EXTENSIONS.glob("*/*/lock"):
+    for lock in EXTENSIONS.glob("*/lock"):  # TORCH_EXTENSIONS_DIR/<op>/lock
         if time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
             print(f"removed a stale DeepSpeed build lock: {lock}")

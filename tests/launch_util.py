@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
+from zerokit.lab.workers import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -98,20 +97,6 @@ def assert_close(a: dict, b: dict, rel: float) -> None:
 
 
 def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank at once: no process gets to clean up. torchrun starts each
-    rank in a session of its own, so killing the launcher's process group alone would leave them running."""
-    groups = {proc.pid}  # start_new_session: the launcher leads its own group (which may have exited)
-    try:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                groups.add(os.getpgid(child.pid))
-            except ProcessLookupError:
-                pass
-    except psutil.NoSuchProcess:
-        pass
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL the launcher and every rank at once (no process gets to clean up), then reap the launcher."""
+    kill_tree(proc)
     proc.wait()

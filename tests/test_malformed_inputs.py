@@ -123,7 +123,7 @@ CASES = [
     case("plan-bad-memory", "cli", ["plan", "--model", "gpt2-124m", "--gpus", "2", "--gpu-mem", "lots"], ["'lots'", "80GB"]),
     case("bench-bad-sweep", "cli", ["bench", "--sweep", "stage=7"], ["--sweep stage", "not allowed"]),
     case("verify-bad-sweep", "cli", ["verify", "--model", "gpt-tiny", "--sweep", "stage=9"], ["--sweep stage", "not allowed"]),
-    case("memtest-bad-ranks", "cli", ["memtest", "--ranks", "0"], ["--ranks", "positive world sizes"]),
+    case("memtest-bad-gpus", "cli", ["memtest", "--gpus", "0"], ["--gpus", "positive world sizes"]),
     case("slurm-bad-time", "cli", ["slurm", "--nodes", "1", "--gpus-per-node", "1", "--time", "2h", "pretrain_gpt"], ["--time '2h'", "HH:MM:SS"]),
     # the same as real processes
     case("process-pretrain-max-steps-negative", "pretrain", ["train.max_steps=-5"], ["train.max_steps=-5", "set e.g."], subprocess=True),

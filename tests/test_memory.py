@@ -3,30 +3,23 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
+from transformers import GPT2LMHeadModel
 
+from lab_fixtures import LLAMA_7B, one_thread, small_gpt2  # noqa: F401 (one_thread: autouse fixture)
 from zerokit.errors import UsageError
-from zerokit.lab.memory import (LiveBytes, apply_grad_ckpt, estimate, estimate_main, measure_step_peak, model_states,
-                            model_stats, parse_bytes, partition_overlap)
+from zerokit.lab.build import apply_grad_ckpt
+from zerokit.lab.estimate import estimate, estimate_main
+from zerokit.lab.flags import parse_bytes
+from zerokit.lab.measure import LiveBytes, measure_step_peak, train_step
+from zerokit.lab.zero_formula import STATE_ITEMS, model_states, model_stats, partition_overlap
 
 # Small enough for a loaded 2-core box, big enough that activations, the loss and the
 # model states all matter: ~0.5M params, 16 x params ~ 8 MB, activations 1-16 MB.
 L, H, HEADS, V, S = 2, 128, 4, 1024, 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core box: a second OpenMP thread only spins (3-5x slower under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gpt2(attn="sdpa"):
-    cfg = GPT2Config(n_layer=L, n_embd=H, n_head=HEADS, n_positions=S, vocab_size=V, bos_token_id=0, eos_token_id=0)
-    cfg._attn_implementation = attn
-    return cfg
+    return small_gpt2(L, H, HEADS, S, V, attn=attn)
 
 
 def measured(cfg, micro_batch, ckpt, peft):
@@ -107,10 +100,6 @@ def test_checkpointing_keeps_only_block_inputs():
     assert sum(e.per_layer.values()) == 4 * S * H * 2  # one bf16 hidden state per block
 
 
-LLAMA_7B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                       intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096)
-
-
 def test_zero_model_state_formulas_7b():
     st = model_stats(LLAMA_7B)
     psi = st.params
@@ -118,7 +107,7 @@ def test_zero_model_state_formulas_7b():
 
     def states(stage, offload="none", n=8):
         ms = model_states(st, world_size=n, stage=stage, offload=offload, precision="bf16", peft="none")
-        return ms["weights"] + ms["gradients"] + ms["optimizer_state"] + ms["master_weights"]
+        return sum(ms[k] for k in STATE_ITEMS)
     assert states(0) == 16 * psi                                   # 2 + 2 + 12 bytes per param
     assert states(1) == pytest.approx(4 * psi + 12 * psi / 8)      # optimizer partitioned
     # + gradients: Ψ/N each, plus the whole gradient of each tensor that straddles a partition edge
@@ -127,7 +116,11 @@ def test_zero_model_state_formulas_7b():
     assert grads2 == 2 * busiest and psi / 8 < busiest < 1.1 * psi / 8
     assert states(2) == pytest.approx(2 * psi + 12 * psi / 8 + grads2)
     assert states(3) == pytest.approx(16 * psi / 8, rel=0.001)     # + weights (small params stay whole)
-    assert states(3, "params", n=1) < 1e8                          # everything on the CPU
+    assert states(3, "all", n=1) < 1e8                             # everything on the CPU
+    # what offload moves is on the host instead: device + host is the same model state
+    for offload in ("optimizer", "params", "all"):
+        ms = model_states(st, world_size=8, stage=3, offload=offload, precision="bf16", peft="none")
+        assert sum(ms[k] + ms["host"][k] for k in STATE_ITEMS) >= states(3)
 
 
 def test_lora_trains_only_adapters():
@@ -184,8 +177,6 @@ def test_measure_agrees_with_torch_memtracker():
 
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from zerokit.lab.memory import _train_step
-
     torch.manual_seed(0)
     model = GPT2LMHeadModel(gpt2()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -196,32 +187,29 @@ def test_measure_agrees_with_torch_memtracker():
     mt = MemTracker()
     mt.track_external(model, opt, ids)
     with mt:
-        _train_step(model, batch, opt)
+        train_step(model, batch, opt)
     theirs = sum(v["Total"] for v in mt.get_tracker_snapshot("peak").values())
     assert ours == pytest.approx(theirs, rel=0.01)
 
 
-def test_measure_takes_a_wrapper_backward_and_step():
-    """The shape a DeepSpeed engine needs: engine.backward(loss), engine.step(), state under .optimizer."""
-    model = GPT2LMHeadModel(gpt2()).train()
+def test_measure_through_a_real_deepspeed_engine_matches_the_plain_loop():
+    """engine.backward / engine.step of a real DeepSpeed ZeRO-0 engine (one gloo rank, its own process):
+    the step it measures holds what the same model's plain PyTorch step holds (ZeRO-0 fp32 = plain AdamW),
+    and the optimizer state it finds behind the engine is Adam's 8 bytes per parameter."""
+    import socket
+    import sys
 
-    class Engine:  # what DeepSpeedEngine exposes, minus the sharding
-        def __init__(self, opt):
-            self.optimizer, self.calls = opt, []
+    from launch_util import REPO, run
 
-        def backward(self, loss):
-            self.calls.append("backward")
-            loss.backward()
-
-        def step(self):
-            self.calls.append("step")
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-    eng = Engine(torch.optim.AdamW(model.parameters(), lr=1e-4))
-    ids = torch.randint(0, V, (2, S))
-    r = measure_step_peak(model, {"input_ids": ids, "labels": ids}, eng, backward=eng.backward, step=eng.step)
-    assert eng.calls == ["backward", "step"] * 2  # warm-up + measured
-    n = sum(p.numel() for p in model.parameters())
-    assert r["optimizer_state_bytes"] == pytest.approx(8 * n, rel=0.01)
-    assert r["grads_bytes"] == pytest.approx(4 * n, rel=0.01)
+    with socket.socket() as sock:  # a free port for the one-rank group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run([sys.executable, str(REPO / "tests" / "lab_engine_worker.py")], timeout=300, RANK=0, LOCAL_RANK=0,
+               WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT=")).split("=", 1)[1])
+    plain, ds = out["plain"], out["deepspeed"]
+    assert ds["global_steps"] == 2 and ds["params_changed"]  # warm-up + measured, through the engine
+    n = ds["params"]
+    assert ds["optimizer_state_bytes"] == pytest.approx(8 * n, rel=0.01)
+    assert ds["grads_bytes"] == pytest.approx(4 * n, rel=0.01)
+    assert ds["peak_bytes"] == pytest.approx(plain["peak_bytes"], rel=0.03), (ds, plain)

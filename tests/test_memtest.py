@@ -13,7 +13,7 @@ from launch_util import REPO, env
 @pytest.mark.slow  # ~1 min; .ci/run runs the slow cases too
 def test_memtest_matches_formula(tmp_path):
     out = tmp_path / "memtest.json"
-    proc = subprocess.run([sys.executable, "-m", "zerokit.cli", "memtest", "--preset", "gpt-tiny", "--ranks", "2",
+    proc = subprocess.run([sys.executable, "-m", "zerokit.cli", "memtest", "--model", "gpt-tiny", "--gpus", "2",
                            "--configs", "zero0", "zero2", "zero3", "--seq", "32", "--one-launch", "--json", str(out)],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]

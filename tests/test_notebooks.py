@@ -56,7 +56,9 @@ def test_02_checkpointing_and_accumulation(tmp_path, data_dir, monkeypatch):
 @pytest.mark.notebooks
 def test_03_mixed_precision_and_quantization(tmp_path, data_dir, monkeypatch):
     s = run_notebook("03_mixed_precision_and_quantization", tmp_path, data_dir, monkeypatch)
-    assert s["precision_status"]["fp32"] == "ok" and s["precision_status"]["bf16"] == "ok", s
+    # the notebook lets through only zerokit's refusal (UsageError) of a precision; on this CPU all three run
+    # (fp16 with GradScaler through the plain backend), so a refusal here fails too
+    assert s["precision_status"] == {"fp32": "ok", "bf16": "ok", "fp16": "ok"}, s
     assert 0.2 < s["adam8_state_ratio"] < 0.35, s  # 8-bit moments (+ fp32 for small tensors)
     assert s["adam8_update_cos"] > 0.95, s
     assert s["nf4_footprint_ratio"] < 0.7 and s["nf4_rel_err"] < 0.5, s
@@ -65,10 +67,11 @@ def test_03_mixed_precision_and_quantization(tmp_path, data_dir, monkeypatch):
 @pytest.mark.notebooks
 def test_04_zero_and_offload(tmp_path, data_dir, monkeypatch):
     s = run_notebook("04_zero_and_offload", tmp_path, data_dir, monkeypatch)
-    assert s["names"] == ["z0_off-none", "z1_off-none", "z2_off-none", "z2_off-cpu", "z3_off-none", "z3_off-cpu"], s
+    assert s["names"] == ["z0_off-none", "z1_off-none", "z2_off-none", "z2_off-optimizer", "z3_off-none",
+                          "z3_off-all"], s
     assert all(t > 0 for t in s["tokens_per_s"]), s
     e = dict(zip(s["names"], s["est_states"]))
-    # gpt-demo's tensors are mostly under ZeRO-3's persistence threshold: kept whole besides the partition
+    # ZeRO-3 keeps the tensors under its persistence threshold ("auto": 10 x hidden) whole besides the partition
     assert e["z2_off-none"] < e["z1_off-none"] < e["z0_off-none"] and e["z3_off-none"] < e["z0_off-none"], e
 
 

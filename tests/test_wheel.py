@@ -42,9 +42,10 @@ def installed(tmp_path_factory) -> dict:
     sh([sys.executable, "-m", "venv", "--without-pip", venv], tmp)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    sh([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "-q", wheel], tmp)
-    # No PYTHONPATH: nothing may come from the checkout.
+    # No PYTHONPATH: nothing may come from the checkout (pip would also take a zerokit.egg-info found
+    # through it for an installed zerokit and skip the wheel).
     e = {k: v for k, v in env().items() if k != "PYTHONPATH"}
+    sh([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "-q", wheel], tmp, env=e)
     e["PATH"] = f"{venv / 'bin'}:{e['PATH']}"
     work = tmp / "work"
     work.mkdir()

@@ -13,7 +13,7 @@ COMMANDS = {
     "export": ("zerokit.export", "export_main", "checkpoint -> Hugging Face model directory"),
     "warm-start": ("zerokit.models", "warm_start_main", "a causal LM or encoder-decoder from a pretrained encoder (MiniLM)"),
     "generate": ("zerokit.generate", "generate_main", "sample text from a model directory (+ LoRA adapter)"),
-    "estimate": ("zerokit.lab.memory", "estimate_main", "per-rank memory of a configuration, itemised"),
+    "estimate": ("zerokit.lab.estimate", "estimate_main", "per-rank memory of a configuration, itemised"),
     "plan": ("zerokit.lab.planner", "plan_main", "configurations that fit, ranked by predicted step time"),
     "bench": ("zerokit.lab.bench", "bench_main", "sweep short real runs; CSV, plots, report.md"),
     "verify": ("zerokit.lab.verify", "verify_main", "real steps on local ranks: peak memory and step time vs the estimate"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from zerokit.errors import UsageError
+from zerokit.errors import UsageError, read_settings_text
 
 log = logging.getLogger("zerokit")
 
@@ -46,11 +46,9 @@ def _wrap(d: dict) -> Config:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file not found: {path}; pass an existing YAML file with --config")
+    text = read_settings_text(path, "config file", "pass an existing YAML file with --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -17,7 +17,7 @@ import torch
 
 from zerokit.backends.common import check_accelerate_flags, resolve_precision
 from zerokit.dist import DistInfo
-from zerokit.errors import UsageError
+from zerokit.errors import UsageError, read_settings_text
 from zerokit.locks import exclusive
 from zerokit.optim import build_adamw, set_lr
 
@@ -35,16 +35,12 @@ def load_deepspeed_file(path: str | Path, **kwargs):
 
 
 def load_ds_json(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"DeepSpeed config not found: {path}; pass an existing JSON, e.g. ds_config=ds_configs/zero2.json")
+    text = read_settings_text(path, "DeepSpeed config", "pass an existing JSON, e.g. ds_config=ds_configs/zero2.json")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"malformed DeepSpeed JSON {path} (line {e.lineno}, column {e.colno}): {e.msg}; "
                          "fix the file's syntax") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"DeepSpeed config {path} is not UTF-8 text; pass a JSON file, e.g. ds_configs/zero2.json") from None
     if not isinstance(ds, dict):
         raise UsageError(f"DeepSpeed config {path} holds a JSON {type(ds).__name__}, not an object of settings; "
                          "write it as {\"zero_optimization\": {\"stage\": 2}, ...} (see ds_configs/)")
@@ -266,7 +262,7 @@ def warn_stale_build_locks(max_age_s: float = 900) -> None:
 
     from torch.utils.cpp_extension import get_default_build_root
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    for lock in root.glob("*/*/lock"):
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <dir>/<op>/ when set, else <root>/py311_cpu/<op>/
         with contextlib.suppress(OSError):
             if time.time() - lock.stat().st_mtime > max_age_s:
                 log.warning("%s is %.0f min old: a killed DeepSpeed op build left it, and DeepSpeed waits on it "

@@ -1,6 +1,6 @@
 """`zerokit plan`: the DeepSpeed configurations that fit, ranked by predicted step time.
 
-Memory comes from `zerokit.lab.memory.estimate` (the same numbers `zerokit estimate` prints).
+Memory comes from `zerokit.lab.estimate.estimate` (the same numbers `zerokit estimate` prints).
 Time comes from a deliberately simple cost model, stated here so it can be argued with:
 
   compute   = FLOPs / (peak_flops x mfu)
@@ -24,7 +24,6 @@ Hardware numbers are parameters (`Hardware`); the defaults are rounded datasheet
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass, replace
@@ -32,10 +31,12 @@ from pathlib import Path
 
 import torch
 
-from zerokit.lab import memory
-from zerokit.lab import verify as real_steps
 from zerokit.errors import UsageError
-from zerokit.lab.memory import BYTES, fmt_bytes, parse_bytes
+from zerokit.lab import verify as real_steps
+from zerokit.lab.build import default_seq, resolve_config
+from zerokit.lab.estimate import CKPTS, PHASES, Estimate, add_model_args, estimate
+from zerokit.lab.flags import STAGES, fmt_bytes, offload_parts, parse_bytes, parser, run_cli
+from zerokit.lab.zero_formula import BYTES, STATE_ITEMS, ModelStats, model_states, model_stats, zero_config
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Candidate:
     grad_ckpt: str
     micro_batch: int
     grad_accum: int
-    est: memory.Estimate
+    est: Estimate
     time: dict            # seconds per optimizer step: compute, comm, offload, total
     tokens: int           # tokens per optimizer step (all ranks)
 
@@ -79,7 +80,7 @@ class Candidate:
         return self.tokens / self.time["total"]
 
 
-def step_time(config, stats: memory.ModelStats, *, world_size, nodes, stage, offload, grad_ckpt, micro_batch,
+def step_time(config, stats: ModelStats, *, world_size, nodes, stage, offload, grad_ckpt, micro_batch,
               grad_accum, seq, precision, peft, hw: Hardware) -> dict:
     """Seconds per optimizer step from the cost model in the module docstring."""
     N, w = world_size, BYTES[precision]
@@ -102,11 +103,12 @@ def step_time(config, stats: memory.ModelStats, *, world_size, nodes, stage, off
         comm_micro, comm_step = ring * (2 * params_b + grads_b), 0.0
 
     pcie_micro = pcie_step = cpu = 0.0
-    if offload != "none":
+    off_opt, off_params = offload_parts(offload)
+    if off_opt:
         pcie_micro += grads_b / N            # this rank's grad partition down, every micro-step
         pcie_step += stats.trainable * w / N  # updated params back up
         cpu = stats.trainable / N / hw.cpu_adam
-    if offload == "params":
+    if off_params:
         pcie_micro += 2 * params_b / N       # fetch the param partition for forward and backward
     micro = compute + comm_micro / bw + pcie_micro / hw.pcie_bw + MICRO_STEP_LATENCY_S
     total = grad_accum * micro + comm_step / bw + pcie_step / hw.pcie_bw + cpu
@@ -118,7 +120,8 @@ def step_time(config, stats: memory.ModelStats, *, world_size, nodes, stage, off
 
 
 def valid_offloads(stage: int) -> tuple:
-    return {0: ("none",), 1: ("none", "optimizer"), 2: ("none", "optimizer"), 3: ("none", "optimizer", "params")}[stage]
+    return {0: ("none",), 1: ("none", "optimizer"), 2: ("none", "optimizer"),
+            3: ("none", "optimizer", "params", "all")}[stage]
 
 
 def plan(config, *, gpus: int, nodes: int = 1, gpu_mem: int, host_mem: int, seq: int, precision: str = "bf16",
@@ -130,9 +133,9 @@ def plan(config, *, gpus: int, nodes: int = 1, gpu_mem: int, host_mem: int, seq:
     that did not fit, so the caller can say why.
     """
     N = gpus * nodes
-    stats = memory.model_stats(config, peft, lora_r)
+    stats = model_stats(config, peft, lora_r)
     fits, misses = [], []
-    for stage in memory.STAGES:
+    for stage in STAGES:
         for offload in valid_offloads(stage):
             if peft == "qlora" and stage == 3:
                 continue
@@ -140,7 +143,7 @@ def plan(config, *, gpus: int, nodes: int = 1, gpu_mem: int, host_mem: int, seq:
                 b = 1
                 while b <= MAX_MICRO_BATCH and b * seq * N <= max(global_tokens, seq * N):
                     accum = max(1, math.ceil(global_tokens / (b * seq * N)))
-                    est = memory.estimate(config, world_size=N, stage=stage, offload=offload, micro_batch=b, seq=seq,
+                    est = estimate(config, world_size=N, stage=stage, offload=offload, micro_batch=b, seq=seq,
                                           grad_ckpt=ckpt, precision=precision, peft=peft, attn=attn,
                                           grad_accum=accum, gpus_per_node=gpus, lora_r=lora_r)
                     t = step_time(config, stats, world_size=N, nodes=nodes, stage=stage, offload=offload,
@@ -157,7 +160,7 @@ def plan(config, *, gpus: int, nodes: int = 1, gpu_mem: int, host_mem: int, seq:
     return fits, misses
 
 
-def deepspeed_config(c: Candidate, precision: str, stats: memory.ModelStats) -> dict:
+def deepspeed_config(c: Candidate, precision: str, stats: ModelStats) -> dict:
     """A plain DeepSpeed config for candidate `c` (zero section shared with the estimator)."""
     N = c.est.inputs["world_size"]
     ds = {
@@ -167,7 +170,7 @@ def deepspeed_config(c: Candidate, precision: str, stats: memory.ModelStats) -> 
         "gradient_clipping": 1.0,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
-        "zero_optimization": memory.zero_config(c.stage, c.offload, stats),
+        "zero_optimization": zero_config(c.stage, c.offload, stats),
         "steps_per_print": 100,
     }
     if c.offload != "none":
@@ -196,7 +199,7 @@ def check_verifiable(nodes: int, peft: str) -> None:
         raise UsageError("--verify measures full and LoRA runs only: use --peft lora (same activations, 16-bit base)")
 
 
-def verify_top(cands: list[Candidate], *, model: str, config, stats: memory.ModelStats, gpus: int, nodes: int,
+def verify_top(cands: list[Candidate], *, model: str, config, stats: ModelStats, gpus: int, nodes: int,
                seq: int, precision: str, peft: str, hw: Hardware) -> list[dict]:
     """`--verify K`: real steps of the top K candidates on this node's ranks (`zerokit.lab.verify`,
     with the DeepSpeed zero section the plan writes), measured peak and step time beside the
@@ -231,22 +234,23 @@ def _label(c: Candidate) -> str:
     return f"ZeRO-{c.stage} offload={c.offload} ckpt={c.grad_ckpt} micro-batch={c.micro_batch}"
 
 
-def model_state_table(stats: memory.ModelStats, N: int, precision: str, peft: str) -> list[str]:
+def model_state_table(stats: ModelStats, N: int, precision: str, peft: str) -> list[str]:
     """Per-rank model states by stage/offload: the 2+2+12 bytes/param (ZeRO paper) with this model's counts."""
     lines = []
-    for stage in memory.STAGES:
+    for stage in STAGES:
         for offload in valid_offloads(stage):
             if peft == "qlora" and stage == 3:
                 continue
-            ms = memory.model_states(stats, world_size=N, stage=stage, offload=offload, precision=precision, peft=peft)
-            gpu = ms["weights"] + ms["gradients"] + ms["optimizer_state"] + ms["master_weights"]
+            ms = model_states(stats, world_size=N, stage=stage, offload=offload, precision=precision, peft=peft)
+            gpu = sum(ms[k] for k in STATE_ITEMS)
             lines.append(f"  ZeRO-{stage} offload={offload:<9} weights+grads+Adam+master {fmt_bytes(gpu):>12} per GPU")
     return lines
 
 
 def plan_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zerokit plan", description="DeepSpeed configurations that fit, fastest first.")
-    memory.add_model_args(p)
+    p = parser("zerokit plan", "DeepSpeed configurations that fit, fastest first.",
+               "zerokit plan --model llama-7b --gpus 8 --gpu-mem 80GB --seq 2048 --out plan.json")
+    add_model_args(p)
     p.add_argument("--gpu-mem", required=True, help="memory per GPU, e.g. 80GB")
     p.add_argument("--host-mem", default="512GB", help="CPU RAM per node (default 512GB)")
     p.add_argument("--global-batch", type=int, default=DEFAULT_GLOBAL_TOKENS, help="tokens per optimizer step")
@@ -261,15 +265,15 @@ def plan_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.verify:
         check_verifiable(a.nodes, a.peft)  # fail before planning, not after
-    config = memory.resolve_config(a.model)
-    seq = memory.default_seq(config, a.seq)
+    config = resolve_config(a.model)
+    seq = default_seq(config, a.seq)
     hw = HARDWARE[a.gpu] if a.mfu is None else replace(HARDWARE[a.gpu], mfu=a.mfu)
     modes = tuple(m.strip() for m in a.ckpt_modes.split(","))
     for m in modes:
-        if m not in memory.CKPTS:
-            raise UsageError(f"--ckpt-modes: {m!r} is not one of {', '.join(memory.CKPTS)}")
+        if m not in CKPTS:
+            raise UsageError(f"--ckpt-modes: {m!r} is not one of {', '.join(CKPTS)}")
     gpu_mem, host_mem, N = parse_bytes(a.gpu_mem), parse_bytes(a.host_mem), a.gpus * a.nodes
-    stats = memory.model_stats(config, a.peft, a.lora_r)
+    stats = model_stats(config, a.peft, a.lora_r)
     fits, misses = plan(config, gpus=a.gpus, nodes=a.nodes, gpu_mem=gpu_mem, host_mem=host_mem, seq=seq,
                         precision=a.precision, peft=a.peft, attn=a.attn, global_tokens=a.global_batch,
                         ckpt_modes=modes, hw=hw, lora_r=a.lora_r)
@@ -299,9 +303,9 @@ def plan_main(argv: list[str] | None = None) -> int:
     best = fits[0]
     print(f"\nrecommended: {_label(best)}, grad-accum {best.grad_accum} "
           f"({best.tokens:,} tokens/step): {fmt_bytes(best.est.total)} of {fmt_bytes(gpu_mem)} per GPU "
-          f"(peak at {memory._PHASES.get(best.est.peak_phase, best.est.peak_phase)})")
+          f"(peak at {PHASES.get(best.est.peak_phase, best.est.peak_phase)})")
     print("by stage/offload (the best that fits, or the smallest need):")
-    for stage in memory.STAGES:
+    for stage in STAGES:
         for offload in valid_offloads(stage):
             ok = [c for c in fits if c.stage == stage and c.offload == offload]
             if ok:
@@ -329,4 +333,4 @@ def plan_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(memory._run_cli(plan_main))
+    raise SystemExit(run_cli(plan_main))

@@ -5,23 +5,22 @@
 
 Every point runs in ONE `torchrun` launch of N local ranks (gloo on CPU, NCCL on GPUs), through
 zerokit's own DeepSpeed backend (`make_backend`, the code a recipe runs) with the zero section
-the estimate models (`memory.zero_config`, the one `zerokit plan` writes). In each rank:
+the estimate models (`zero_formula.zero_config`, the one `zerokit plan` writes). In each rank:
 build the model from its config (random weights: memory does not depend on them) with the
 estimate's LoRA and checkpointing, run one unmeasured step (Adam allocates its state), then
 one measured step of `grad_accum` micro-batches:
-  - peak, CPU: allocator-level counting (`memory.LiveBytes`): every storage the engine holds
+  - peak, CPU: allocator-level counting (`measure.LiveBytes`): every storage the engine holds
     before the step (walked as `zerokit memtest` does) plus every storage an op returns during
     the step, until it is freed. GPU: torch.cuda.max_memory_allocated over the step.
   - model states: weights, gradients, fp32 master and Adam moments the engine holds in the
     middle of the window (after its first micro-batch), as `zerokit memtest` walks them.
   - step time: the mean of `--timed-steps` further steps, uncounted.
-Beside each: `memory.estimate` for the same point and the same zero section; the worst rank
+Beside each: `estimate.estimate` for the same point and the same zero section; the worst rank
 of each is compared (the estimate is for the busiest rank). `zerokit plan --verify K` runs
 its top K choices through `run_points`.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -32,16 +31,21 @@ from pathlib import Path
 
 import torch
 
-from zerokit.lab import memory
 from zerokit.errors import UsageError
-from zerokit.lab.memtest import run_workers
+from zerokit.lab.build import resolve_config, training_model
+from zerokit.lab.estimate import CKPTS, CUDA_CONTEXT_BYTES, estimate
+from zerokit.lab.flags import (OFFLOADS, add_gpus, add_json, add_model, add_precision, add_seq,
+                               check_offload, fmt_bytes, parser, run_cli)
+from zerokit.lab.measure import LiveBytes, engine_storages, held_by_role
+from zerokit.lab.workers import run_workers
+from zerokit.lab.zero_formula import model_states, model_stats, zero_config
 
 MiB = 2**20
 GRAD_ACCUM = 2          # two micro-batches: the window holds gradients between them (stage 0/1 full, 2/3 partitions)
 STATE_TOLERANCE = 0.01  # model-state terms: exact up to padding
 PEAK_TOLERANCE = {"cpu": 0.15, "cuda": 0.10}
 PROCESS_BYTES = 600 * MiB  # one CPU rank's python + torch + DeepSpeed, before any tensor
-POINT_KEYS = {"stage": (0, 1, 2, 3), "offload": memory.OFFLOADS, "grad_ckpt": memory.CKPTS,
+POINT_KEYS = {"stage": (0, 1, 2, 3), "offload": OFFLOADS, "grad_ckpt": CKPTS,
               "micro_batch": None, "peft": ("none", "lora")}
 STATE_PAIRS = (("weights", "weights"), ("gradients", "gradients"), ("master_weights", "master"),
                ("optimizer_state", "moments"))  # estimate item -> memtest role
@@ -54,8 +58,8 @@ def point_defaults(p: dict) -> dict:
 def zero_section(config, p: dict, precision: str, small_buckets: bool) -> dict:
     """The zero section a point runs with; small_buckets sizes DeepSpeed's buckets to the model
     (the defaults are sized for billions of parameters and would be most of a small model's peak)."""
-    stats = memory.model_stats(config, p["peft"])
-    zero = memory.zero_config(p["stage"], p["offload"], stats)
+    stats = model_stats(config, p["peft"])
+    zero = zero_config(p["stage"], p["offload"], stats)
     if small_buckets:
         bucket = max(stats.largest_trainable, stats.trainable // 4)
         zero["reduce_bucket_size"] = bucket
@@ -65,29 +69,18 @@ def zero_section(config, p: dict, precision: str, small_buckets: bool) -> dict:
 
 
 def estimate_point(config, p: dict, world_size: int, seq: int, precision: str, device: str, zero: dict):
-    return memory.estimate(config, world_size=world_size, stage=p["stage"], offload=p["offload"],
-                           micro_batch=p["micro_batch"], seq=seq, grad_ckpt=p["grad_ckpt"], precision=precision,
-                           peft=p["peft"], grad_accum=GRAD_ACCUM, device=device, zero=zero)
+    return estimate(config, world_size=world_size, stage=p["stage"], offload=p["offload"],
+                    micro_batch=p["micro_batch"], seq=seq, grad_ckpt=p["grad_ckpt"], precision=precision,
+                    peft=p["peft"], grad_accum=GRAD_ACCUM, device=device, zero=zero)
 
 
 # ---- in each rank ---------------------------------------------------------------------------
-def _storages_held(backend) -> list[torch.Tensor]:
-    """One tensor per storage the engine holds (module params, ZeRO partitions, optimizer state)."""
-    from zerokit.lab.memtest import _walk
-    found, seen = [], set()
-    for name, p in backend.module.named_parameters():
-        _walk(p, name, found, seen)
-    _walk(backend.engine.optimizer, "opt", found, seen)
-    return [t for _, t in found if t.device.type != "meta" and t.untyped_storage().nbytes() > 0]
-
-
 def _measure_point(config, p: dict, seq: int, precision: str, zero: dict, info, timed_steps: int) -> dict:
     from zerokit.backends import make_backend
     from zerokit.config import Config
-    from zerokit.lab.memtest import measure as held_by_role
 
     torch.manual_seed(0)
-    model = memory.training_model(config, precision=precision, peft=p["peft"], grad_ckpt=p["grad_ckpt"])
+    model = training_model(config, precision=precision, peft=p["peft"], grad_ckpt=p["grad_ckpt"])
     model.to(info.device)
     ds = {"train_micro_batch_size_per_gpu": p["micro_batch"], "gradient_accumulation_steps": GRAD_ACCUM,
           "zero_optimization": zero}
@@ -121,8 +114,8 @@ def _measure_point(config, p: dict, seq: int, precision: str, zero: dict, info, 
 
     step()  # Adam's state now exists
     gc.collect()
-    counter = memory.LiveBytes()
-    for t in _storages_held(backend) + batches:
+    counter = LiveBytes()
+    for t in engine_storages(backend) + batches:
         counter.track(t)
     baseline = counter.current
     on_cuda = info.device.type == "cuda"
@@ -166,7 +159,7 @@ def _worker(spec_path: str) -> int:
     # A stuck rank (a collective one rank never joins) becomes a traceback and an exit, not a hang.
     faulthandler.dump_traceback_later(spec["timeout"], exit=True)
     info = init_distributed()
-    config = memory.resolve_config(spec["model"])
+    config = resolve_config(spec["model"])
     for i, (p, zero) in enumerate(zip(spec["points"], spec["zero"])):
         result = _measure_point(config, p, spec["seq"], spec["precision"], zero, info, spec["timed_steps"])
         Path(spec["out"], f"{i}_rank{info.rank}.json").write_text(json.dumps(result))
@@ -177,7 +170,7 @@ def _worker(spec_path: str) -> int:
 def run_points(model: str, points: list[dict], world_size: int, seq: int, precision: str = "fp32",
                small_buckets: bool = True, timed_steps: int = 2, timeout: float = 900) -> list[dict]:
     """Measure `points` on `world_size` local ranks (one launch); per point, the comparison row."""
-    config = memory.resolve_config(model)
+    config = resolve_config(model)
     points = [point_defaults(p) for p in points]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and world_size > torch.cuda.device_count():
@@ -192,21 +185,16 @@ def run_points(model: str, points: list[dict], world_size: int, seq: int, precis
                                 for p, z in zip(points, zeros))
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         if need + world_size * PROCESS_BYTES > 0.8 * avail:
-            raise UsageError(f"{model} on {world_size} CPU rank(s) needs ~{memory.fmt_bytes(need)} of tensors "
-                             f"(+{memory.fmt_bytes(PROCESS_BYTES)} per process); {memory.fmt_bytes(avail)} is free: "
+            raise UsageError(f"{model} on {world_size} CPU rank(s) needs ~{fmt_bytes(need)} of tensors "
+                             f"(+{fmt_bytes(PROCESS_BYTES)} per process); {fmt_bytes(avail)} is free: "
                              "verify a smaller --model, --seq or --micro-batch here, or run on the GPUs it is for")
     with tempfile.TemporaryDirectory(prefix="zerokit-verify-") as out:
         spec = Path(out, "spec.json")
         spec.write_text(json.dumps({"model": model, "points": points, "zero": zeros, "seq": seq,
                                     "precision": precision, "timed_steps": timed_steps, "out": out,
                                     "timeout": timeout}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world_size),
-               "-m", "zerokit.lab.verify", "--worker", str(spec)]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false")
-        if device == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"
-        run_workers(cmd, env, timeout, f"verify ranks on {world_size} rank(s)")
+        run_workers("zerokit.lab.verify", [spec], world_size, timeout=timeout + 60,
+                    what=f"verify ranks on {world_size} rank(s)")
         ranks = [[json.loads(Path(out, f"{i}_rank{r}.json").read_text()) for r in range(world_size)]
                  for i in range(len(points))]
     return [compare(config, p, rs, world_size, seq, precision, device, z) for p, rs, z in zip(points, ranks, zeros)]
@@ -218,15 +206,15 @@ def compare(config, p: dict, ranks: list[dict], world_size: int, seq: int, preci
     e = estimate_point(config, p, world_size, seq, precision, device, zero)
     top = max(ranks, key=lambda r: r["peak_bytes"])
     if device == "cuda":  # the allocator's peak; the CUDA context is outside it
-        measured_peak, predicted_peak = top["cuda_peak_allocated_bytes"], e.total - memory.CUDA_CONTEXT_BYTES
+        measured_peak, predicted_peak = top["cuda_peak_allocated_bytes"], e.total - CUDA_CONTEXT_BYTES
     else:
         measured_peak, predicted_peak = top["peak_bytes"], e.total
     states = {}
     for item, role in STATE_PAIRS:
         m = max(r[role] for r in ranks)
         # the estimate's gradients item is what is live at the peak; held mid-window is the model state
-        est = memory.model_states(memory.model_stats(config, p["peft"]), world_size=world_size, stage=p["stage"],
-                                  offload=p["offload"], precision=precision, peft=p["peft"])[item]
+        est = model_states(model_stats(config, p["peft"]), world_size=world_size, stage=p["stage"],
+                           offload=p["offload"], precision=precision, peft=p["peft"], zero=zero)[item]
         states[item] = {"measured": m, "estimate": est, "rel_err": (est - m) / m if m else float(est != 0)}
     return {"point": p, "world_size": world_size, "seq": seq, "device": device,
             "measured_peak": measured_peak, "estimate_peak": predicted_peak,
@@ -286,8 +274,10 @@ def parse_points(items: list[str]) -> list[dict]:
         sweep[key] = vals
     points = [dict(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
     for p in map(point_defaults, points):
-        if p["offload"] == "optimizer" and p["stage"] == 0 or p["offload"] == "params" and p["stage"] != 3:
-            raise UsageError(f"{label(p)}: offload={p['offload']} needs stage {'1-3' if p['offload'] == 'optimizer' else 3}")
+        try:
+            check_offload(p["stage"], p["offload"])
+        except UsageError as e:
+            raise UsageError(f"{label(p)}: {e}") from None
     return points
 
 
@@ -295,17 +285,19 @@ def verify_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:  # one rank, started by run_points' torchrun
         return _worker(argv[1])
-    ap = argparse.ArgumentParser(prog="zerokit verify", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="preset (e.g. gpt-tiny) or a folder with config.json")
-    ap.add_argument("--gpus", type=int, default=2, help="ranks on this node (CPU ranks when there is no GPU)")
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--precision", choices=tuple(memory.BYTES), default=None, help="default: bf16 on GPUs, fp32 on CPU")
+    ap = parser("zerokit verify", __doc__.split("\n\n")[0],
+                "zerokit verify --model gpt-tiny --gpus 2 --seq 128 --sweep stage=0,3 grad_ckpt=none,full")
+    add_model(ap)
+    add_gpus(ap, default=2)
+    add_seq(ap, 128)
+    add_precision(ap, None, "default: bf16 on GPUs, fp32 on CPU")
     ap.add_argument("--sweep", nargs="+", default=["stage=0,1,2,3"], help="key=v1,v2 ... over " + ", ".join(POINT_KEYS))
     ap.add_argument("--default-buckets", action="store_true",
-                    help="keep zerokit plan's bucket sizes (5e7 elements) instead of sizing them to the model")
+                    help="keep the reduce bucket zerokit plan writes (DeepSpeed's \"auto\": hidden_size^2 elements) "
+                         "instead of sizing it to the model's parameters")
     ap.add_argument("--timed-steps", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=None, help="peak tolerance (default 0.15 CPU, 0.10 GPU)")
-    ap.add_argument("--json", help="write the rows here too")
+    add_json(ap, to_file=True)
     a = ap.parse_args(argv)
     precision = a.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     rows = run_points(a.model, parse_points(a.sweep), a.gpus, a.seq, precision, small_buckets=not a.default_buckets,
@@ -320,5 +312,4 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from zerokit.lab.memory import _run_cli
-    raise SystemExit(_run_cli(verify_main))
+    raise SystemExit(run_cli(verify_main))
