@@ -183,7 +183,10 @@ RUNNABLE = [doc for doc in DOCS if any(mark == "run" for _, mark, _ in blocks(do
 def test_blocks_run_on_a_fresh_clone(tmp_path, data_dir, doc):
     clone = make_clone(tmp_path, data_dir)
     system_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
-    environ = env(HOME=tmp_path / "home", PYTHONPATH=clone, PATH=system_path)
+    # DeepSpeed's op builds name the clone's venv path in their flags: a folder of their own, or every
+    # other test and these runs would rebuild the ops in turn.
+    environ = env(HOME=tmp_path / "home", PYTHONPATH=clone, PATH=system_path,
+                  TORCH_EXTENSIONS_DIR=tmp_path / "torch_extensions")
     for unset in ("ZEROKIT_DATA", "ZEROKIT_EXTRAS", "VIRTUAL_ENV"):
         environ.pop(unset, None)
     timings = []
