@@ -83,6 +83,9 @@ def test_sampling_seed_and_beam(saved):
         generate_text(model, tok, PROMPTS, strategy="nucleus")
     with pytest.raises(UsageError, match="temperature"):
         generate_text(model, tok, PROMPTS, strategy="sample", temperature=0)
+    with pytest.raises(UsageError, match="context of 512 tokens; ask for at most 50"):  # learned positions end at 512
+        generate_text(model, tok, [[5] * 462], max_new_tokens=51)
+    assert len(generate_text(model, tok, [[5] * 462], max_new_tokens=50, batch_size=1)) == 1
 
 
 def test_cli_on_model_and_adapter(saved, capsys, tmp_path):

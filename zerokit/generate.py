@@ -55,6 +55,14 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
     # A decoder-only model needs a token to continue from: bos, else eos (GPT-2 trains with eos as bos).
     start = next(t for t in (tokenizer.bos_token_id, eos, pad_id) if t is not None)
     ids = [p if p else [start] for p in ids]
+    # A learned position table (GPT-2's, BERT's) ends at the context length: generating past it is an
+    # index error deep in the model. Rotary models (Llama) have no table and may go on.
+    cfg = model.config
+    positions = getattr(cfg, "n_positions", None) or (
+        cfg.max_position_embeddings if getattr(cfg, "position_embedding_type", None) == "absolute" else None)
+    if positions and not encoder_decoder and max(map(len, ids)) + max_new_tokens > positions:
+        raise UsageError(f"the prompt ({max(map(len, ids))} tokens) plus max_new_tokens={max_new_tokens} exceed the "
+                         f"model's context of {positions} tokens; ask for at most {positions - max(map(len, ids))} new tokens")
 
     synced = _dist_world() > 1 if synced_gpus is None else bool(synced_gpus)
     device = next(model.parameters()).device
