@@ -1,5 +1,6 @@
 """B2: gradient accumulation equals the large batch. The loop divides each micro-batch's summed
 loss by the target count of the whole window (all ranks), so uneven padding is exact too."""
+import pytest
 import torch
 
 from launch_util import REPO, losses, pretrain_many
@@ -70,6 +71,9 @@ def test_padded_accumulation_equals_one_big_batch(tmp_path):
     assert len(set(counts)) > 1, "the test data must have uneven micro-batches"
 
 
+# ~60 s of 2-rank launches; test_precision checks the same windows under ZeRO-2/3 and FSDP in bf16
+# in the default suite, so this fp32 variant runs with -m slow (CI runs it too).
+@pytest.mark.slow
 def test_accumulation_under_zero2_and_fsdp(tmp_path_factory, data_dir):
     """2 ranks: micro-batch 2 x 4 accumulation steps == micro-batch 8 x 1, under ZeRO-2 and FSDP."""
     root, cache = tmp_path_factory.mktemp("accum"), tmp_path_factory.mktemp("cache")

@@ -80,6 +80,7 @@ def test_observations_name_the_stage_and_checkpointing_cost():
     assert "Fastest point: z0_none" in text
 
 
+@pytest.mark.slow  # ~60 s of real runs; the sweep's expansion, reading and report are unit-tested above
 def test_bench_four_point_sweep_writes_csv_plots_and_report(tmp_path):
     """E3: 4 ZeRO stages of gpt-tiny on 2 CPU ranks, in <= 5 minutes: all points in one torchrun launch
     (--launch shared), a warm-up run per engine, the peak reset per run."""
