@@ -115,7 +115,8 @@ CASES = [
                                        "n_layer": 2, "n_head": 2})}),
     # every zerokit command
     case("export-missing", "cli", ["export", "{tmp}/nope", "{tmp}/out"], ["nope not found", "pass an existing"]),
-    case("export-not-checkpoint", "cli", ["export", "{run}", "{tmp}/out"], ["not a zerokit checkpoint", "pass <run_dir>"]),
+    case("export-not-checkpoint", "cli", ["export", "{tmp}/notes", "{tmp}/out"], ["not a zerokit checkpoint", "pass <run_dir>"],
+         {"notes/todo.txt": "a folder that is neither a run nor a checkpoint"}),
     case("warm-start-missing", "cli", ["warm-start", "{tmp}/nope", "{tmp}/out"], ["model folder not found", "alias"]),
     case("generate-missing", "cli", ["generate", "--model", "{tmp}/nope", "--prompt", "hi"], ["model folder not found", "export"]),
     case("generate-not-a-model", "cli", ["generate", "--model", "{run}", "--prompt", "hi"], ["has no config.json", "exported model folder"]),
