@@ -195,6 +195,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~50 s of 2-rank ZeRO-3; CI runs -m slow
 @pytest.mark.timeout(400)
 def test_zero3_synced_generation_and_sharded_eval(saved, data_dir):
     root = saved["root"]

@@ -192,6 +192,7 @@ def test_measure_agrees_with_torch_memtracker():
     assert ours == pytest.approx(theirs, rel=0.01)
 
 
+@pytest.mark.slow  # ~60 s (a real DeepSpeed engine on a gloo rank); CI runs -m slow
 def test_measure_through_a_real_deepspeed_engine_matches_the_plain_loop():
     """engine.backward / engine.step of a real DeepSpeed ZeRO-0 engine (one gloo rank, its own process):
     the step it measures holds what the same model's plain PyTorch step holds (ZeRO-0 fp32 = plain AdamW),

@@ -41,7 +41,9 @@ def _run_until_checkpoint_then_kill(run_dir, args, nproc, ckpt_step):
     return done
 
 
-@pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["ds_config=ds_configs/zero2.json"])],
+# The 2-rank ZeRO-2 case (~60 s) runs with -m slow (CI runs it; test_kill_anywhere kills 2-rank runs
+# at every phase there too).
+@pytest.mark.parametrize("nproc,extra", [(1, []), pytest.param(2, ["ds_config=ds_configs/zero2.json"], marks=pytest.mark.slow)],
                          ids=["single-process", "zero2-2ranks"])
 def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path, cache, nproc, extra):
     """A4: killed after a checkpoint, `resume=auto` continues with the same losses (dropout on: RNG restored)."""
