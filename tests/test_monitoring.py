@@ -106,3 +106,30 @@ def test_prometheus_endpoint_serves_the_metrics(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_resume_keeps_metrics_up_to_its_checkpoint_and_drops_a_torn_line(tmp_path):
+    from zerokit.metrics import MetricsLogger
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    logger = MetricsLogger(tmp_path, "none", {}, enabled=True, start_step=5)
+    logger.log({"step": 6, "loss": 0.5})
+    logger.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_kill_while_trimming_metrics_leaves_the_old_history(tmp_path, monkeypatch):
+    """The trim is written aside and renamed: dying before the rename (here: fsync raises, as a SIGKILL
+    would stop it) leaves the file as it was. Truncating in place lost steps 1..21 of a CI run."""
+    import pytest
+    from zerokit.metrics import MetricsLogger
+    path = tmp_path / "metrics.jsonl"
+    history = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 10))
+    path.write_text(history)
+
+    def killed(fd):
+        raise SystemExit("killed")
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(SystemExit):
+        MetricsLogger(tmp_path, "none", {}, enabled=True, start_step=6)
+    assert path.read_text() == history

@@ -108,11 +108,18 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         # A new run starts the file afresh; a resumed one keeps the lines up to its checkpoint (those
         # after it, from the interrupted run, are about to be logged again).
+        # The kept lines go to a temporary file renamed over the old one, so a kill at any moment
+        # leaves either the old history or the trimmed one, never an empty file.
         path = run_dir / "metrics.jsonl"
-        kept = [ln for ln in path.read_text().splitlines(keepends=True)
-                if start_step and json.loads(ln).get("step", 0) <= start_step] if path.is_file() else []
-        self.file = open(path, "w")
-        self.file.writelines(kept)
+        kept = [ln.rstrip("\n") + "\n" for ln in path.read_text().splitlines()
+                if start_step and logged_step(ln) <= start_step] if path.is_file() else []
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.file = open(path, "a")
         targets = {t.strip() for t in (report_to or "").split(",") if t.strip() and t.strip() != "none"}
         unknown = targets - {"tensorboard", "wandb"}
         if unknown:
@@ -163,14 +170,23 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a line torn by a kill mid-write counts as never logged."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 def wandb_run_id(run_dir: Path, resumed: bool) -> str:
     """The W&B run id kept in <run_dir>/wandb_run_id: a resumed run continues the same W&B run (one
     curve across preemptions); a fresh start gets a new id."""
     path = run_dir / "wandb_run_id"
-    if resumed and path.is_file():
+    if resumed and path.is_file() and path.read_text().strip():  # empty if a kill tore the first write
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # W&B ids are lower-case letters and digits
-    path.write_text(run_id)
+    path.with_name(path.name + ".tmp").write_text(run_id)
+    os.replace(path.with_name(path.name + ".tmp"), path)
     return run_id
 
 
