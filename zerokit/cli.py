@@ -16,6 +16,7 @@ COMMANDS = {
     "estimate": ("zerokit.lab.estimate", "estimate_main", "per-rank memory of a configuration, itemised"),
     "plan": ("zerokit.lab.planner", "plan_main", "configurations that fit, ranked by predicted step time"),
     "bench": ("zerokit.lab.bench", "bench_main", "sweep short real runs; CSV, plots, report.md"),
+    "sweep": ("zerokit.lab.sweep", "sweep_main", "hyperparameter sweep of real recipe runs; CSV, plots, report.md, scaling fit"),
     "verify": ("zerokit.lab.verify", "verify_main", "real steps on local ranks: peak memory and step time vs the estimate"),
     "memtest": ("zerokit.lab.memtest", "memtest_main", "measure model-state bytes per rank vs the ZeRO formula"),
     "slurm": ("zerokit.launch", "slurm_main", "write (and submit) a SLURM batch script for a recipe"),

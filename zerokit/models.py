@@ -26,6 +26,11 @@ _LLAMA = dict(hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-5, r
 PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     # Unit tests: a few hundred thousand parameters, trains in milliseconds.
     "gpt-tiny": (GPT2Config, dict(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512, **_GPT2)),
+    # The seminar sweep (zerokit/recipes/sweeps/seminar.yaml): two shapes around gpt-tiny, so an LR x
+    # model-size grid of short runs fits in minutes on 2 CPU cores. gpt-nano ~4x fewer block weights than gpt-tiny.
+    "gpt-nano": (GPT2Config, dict(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=512, **_GPT2)),
+    # gpt-micro: ~4x the block weights of gpt-tiny (3 layers of 96), still under a minute for a few hundred steps.
+    "gpt-micro": (GPT2Config, dict(n_layer=3, n_embd=96, n_head=3, n_positions=128, vocab_size=512, **_GPT2)),
     # The 2-core CPU demo (tiny-shakespeare in under 5 minutes): 0.93M parameters; on 2 cores more
     # steps of a small model beat fewer steps of a wider one (4x256 reached ~1/4 the steps).
     "gpt-demo": (GPT2Config, dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, vocab_size=1024, **_GPT2)),
