@@ -274,7 +274,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
     swept = {**{k: v for k, v in preset.get("sweep", {}).items() if k not in fixed}, **swept}
     fixed = {**{k: v for k, v in preset.get("fixed", {}).items() if k not in swept}, **fixed}
     out = a.out or preset.get("out")
-    parallel, ranks = a.parallel or preset.get("parallel", 1), a.ranks or preset.get("ranks", 1)
+    parallel = a.parallel if a.parallel is not None else preset.get("parallel", 1)
+    ranks = a.ranks if a.ranks is not None else preset.get("ranks", 1)
     if not out:
         raise UsageError("give the sweep's folder: --out DIR")
     if not swept:
@@ -283,7 +284,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
     sweep = Sweep(recipe, swept, fixed, a.config, grid(swept, a.random, a.seed))
-    out = Path(out).expanduser().resolve()
+    out = Path(out).expanduser()  # as given: the points' commands name it so (they run in this directory)
     names = point_names(sweep.points)
     threads = max(1, len(os.sched_getaffinity(0)) // (parallel * ranks))
     # cores split between the points running at once; train.cpu_threads is not part of a point's identity
@@ -304,7 +305,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
 def run_all(sweep: Sweep, names: list[str], cmds: list[list[str]], configs: list[dict], out: Path,
             parallel: int, argv: list[str]) -> int:
     from zerokit.lab.sweep_report import point_result, write_outputs
-    total, t_start, load0 = len(names), time.perf_counter(), os.getloadavg()
+    total, t_start, load0, started = len(names), time.perf_counter(), os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = [None] * total
 
     def one(i: int) -> None:
@@ -327,7 +328,7 @@ def run_all(sweep: Sweep, names: list[str], cmds: list[list[str]], configs: list
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(one, range(total)))
     ran = sum(r["status"] != "done earlier" for r in results)
-    timing = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_s": round(time.perf_counter() - t_start, 1),
+    timing = {"started": started, "ended": time.strftime("%H:%M:%S"), "wall_s": round(time.perf_counter() - t_start, 1),
               "points_run": ran, "points_skipped": total - ran, "parallel": parallel,
               "load_1min": [load0[0], os.getloadavg()[0]]}
     with open(out / "invocations.jsonl", "a") as f:  # every invocation's wall time, for the report

@@ -120,7 +120,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(9, 5.5))
     ax = fig.subplots()
     done = finished(rows)
-    colors = colormaps["viridis"](np.linspace(0, 0.95, max(len(done), 1)))
+    colors = colormaps["tab20"].colors if len(done) <= 20 else colormaps["viridis"](np.linspace(0, 0.95, len(done)))
     for color, r in zip(colors, done):
         per_step = (r["tokens_seen"] or 0) / r["step"] if r.get("step") else 0
         train = [(m["step"] * per_step, m["loss"]) for m in r["curve"] if m.get("loss") is not None]
@@ -133,7 +133,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (nats/token): training (lines), validation (dots)")
     ax.set_yscale("log")
     ax.set_title("loss curves")
-    ax.legend(fontsize=6, ncol=2)
+    if done:
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -238,7 +239,7 @@ def invocations_text(out: Path) -> str:
     """Each invocation of the sweep on this folder: when, wall time, points run and skipped, load average."""
     path = out / "invocations.jsonl"
     lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    return "\n".join(f"  - {t['started']}: {t['wall_s']:.0f} s wall, {t['points_run']} point(s) run, "
+    return "\n".join(f"  - {t.get('started', '?')} to {t.get('ended', '?')}: {t['wall_s']:.0f} s wall, {t['points_run']} point(s) run, "
                      f"{t['points_skipped']} finished earlier and skipped, {t['parallel']} at a time; load average "
                      f"(1 min) {t['load_1min'][0]:.1f} at start, {t['load_1min'][1]:.1f} at the end" for t in lines)
 
@@ -262,7 +263,7 @@ def write_outputs(out: Path, sweep, rows: list[dict], argv: list[str]) -> list[P
     best = min(done, key=lambda r: r["val_loss"]) if done else None
     best_text = (f"**{best['name']}**: validation loss {best['val_loss']:.4f}"
                  + (f", {best['val_bpb']:.4f} bits per byte" if best.get("val_bpb") is not None else "")
-                 + f" ({', '.join(f'{k}={best[k]}' for k in keys)}). To run it again:\n\n```bash run\n{best['command']}\n```"
+                 + f" ({', '.join(f'{k}={best[k]}' for k in keys)}). To run it again:\n\n```bash\n{best['command']}\n```"
                  if best else "No point finished.")
     plots = ("![validation loss against each swept key](val_loss.png)\n\n![loss curves](loss_curves.png)"
              if done else "")
