@@ -244,7 +244,9 @@ def run_point(cmd: list[str], run_dir: Path, state: str) -> tuple[int, float]:
             # killed after its last checkpoint but before summary.json: resume=auto has nothing to do
             if rc != 0 or (run_dir / "summary.json").is_file() or "nothing to do:" not in log.read():
                 break
-    return rc, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    (run_dir / "sweep_point.json").write_text(json.dumps({"wall_s": wall, "exit": rc}))  # for later reports
+    return rc, wall
 
 
 def sweep_main(argv: list[str] | None = None) -> int:

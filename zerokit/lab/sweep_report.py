@@ -52,6 +52,9 @@ def _build_size(preset, name_or_path, tokenizer, vocab_size, seq):
 
 def point_result(run_dir: Path, status: str, wall_s: float | None) -> dict:
     """One point's numbers (empty where it did not finish) and its metrics lines (key `curve`)."""
+    earlier = run_dir / "sweep_point.json"  # the wall time of the invocation that ran it
+    if wall_s is None and earlier.is_file():
+        wall_s = json.loads(earlier.read_text()).get("wall_s")
     row: dict = {"status": status, "wall_s": wall_s}
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.yaml"
     if not summary_path.is_file() or status.startswith("failed"):
