@@ -8,7 +8,8 @@ approach 1  the min-loss envelope: at each FLOP budget C, the lowest loss over t
             points interpolated in log C), N_opt refined by a parabola in log N through the best size and its
             neighbours; then log N_opt = a log C + c by least squares.
 
-Uncertainty: the bootstrap over points (resample the points with replacement, refit, report the spread).
+Uncertainty: the bootstrap over points (resample the points with replacement, refit, report the spread:
+half the 16-84 % range of the estimates).
 Every (bootstrap sample, initialisation) pair is an independent 5-parameter problem: all of them run side by
 side in numpy, one batch of damped Newton steps with analytic derivatives (no scipy: numpy is always installed)."""
 from __future__ import annotations
@@ -52,8 +53,16 @@ class LawFit:
         return g * np.power(np.asarray(c, float) / 6, self.a)
 
     def spread(self, name: str) -> float:
-        values = self.boot.get(name)
-        return float(np.std(values)) if values is not None and len(values) > 1 else float("nan")
+        """Half the 16-84 % range of the bootstrap estimates (one standard deviation for a normal spread,
+        robust to the few resamples that lose a whole size and fit wild values)."""
+        return _spread(self.boot.get(name))
+
+
+def _spread(values) -> float:
+    if values is None or len(values) < 2:
+        return float("nan")
+    lo, hi = np.percentile(values, [16, 84])
+    return float(hi - lo) / 2
 
 
 def _residuals(theta: np.ndarray, data: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +189,7 @@ class EnvelopeFit:
 
     @property
     def a_spread(self) -> float:
-        return float(np.std(self.boot)) if len(self.boot) > 1 else float("nan")
+        return _spread(self.boot)
 
 
 def envelope(n, c, loss, budgets: int = 24) -> tuple[np.ndarray, np.ndarray]:

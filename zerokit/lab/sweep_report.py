@@ -136,7 +136,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (nats/token): training (lines), validation (dots)")
     ax.set_yscale("log")
     ax.set_title("loss curves")
-    if done:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -144,7 +144,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- scaling
 def scaling_points(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(N, D, C, L): for each (parameters, tokens) the lowest validation loss over the other swept keys
+    """(N, D, C = 6ND, L): for each (parameters, tokens) the lowest validation loss over the other swept keys
     (a learning-rate sweep contributes its best LR, as the paper tunes each run)."""
     best: dict = {}
     for r in finished(rows):
@@ -153,7 +153,8 @@ def scaling_points(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray
             if key not in best or r["val_loss"] < best[key]["val_loss"]:
                 best[key] = r
     pts = list(best.values())
-    return tuple(np.array([r[k] for r in pts], dtype=float) for k in ("params", "tokens_seen", "train_flops", "val_loss"))
+    n, d, loss = (np.array([r[k] for r in pts], dtype=float) for k in ("params", "tokens_seen", "val_loss"))
+    return n, d, 6 * n * d, loss  # C = 6ND, the paper's convention, in which N_opt(C) is derived
 
 
 def fit_scaling(rows: list[dict], bootstrap: int = 100):
@@ -180,7 +181,7 @@ def plot_scaling(law, env, pts, path: Path) -> None:
         left.plot(grid, law.predict(s, grid / (6 * s)), color=colors[s], lw=1, alpha=0.7)
     n_opt = law.n_opt(grid)
     left.plot(grid, law.predict(n_opt, grid / (6 * n_opt)), "k--", lw=1.5, label="compute-optimal (fit)")
-    left.set(xscale="log", yscale="log", xlabel="training FLOPs (6ND + attention)", ylabel="validation loss")
+    left.set(xscale="log", yscale="log", xlabel="training compute C = 6ND (FLOPs)", ylabel="validation loss")
     left.set_title(f"approach 3: L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}\n"
                    f"alpha {law.alpha:.3f}±{law.spread('alpha'):.3f}, beta {law.beta:.3f}±{law.spread('beta'):.3f}, "
                    f"N_opt ∝ C^{law.a:.2f}±{law.spread('a'):.2f}", fontsize=9)
@@ -190,7 +191,7 @@ def plot_scaling(law, env, pts, path: Path) -> None:
         right.scatter(env.budgets, env.n_opt, color="tab:blue", label="min-loss envelope")
         right.plot(grid, np.exp(env.log_k) * grid ** env.a, color="tab:blue",
                    label=f"approach 1: a = {env.a:.2f}±{env.a_spread:.2f}")
-    right.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="compute-optimal parameters N_opt")
+    right.set(xscale="log", yscale="log", xlabel="training compute C = 6ND (FLOPs)", ylabel="compute-optimal parameters N_opt")
     right.set_title("N_opt ∝ C^a (bootstrap ± over points)", fontsize=9)
     right.legend(fontsize=7)
     fig.tight_layout()
@@ -201,9 +202,10 @@ def scaling_text(law, env, pts) -> str:
     if law is None:
         return ("No scaling-law fit: it needs model size and tokens both swept (at least 2 values each, 5 points "
                 "with a validation loss).")
-    lines = [f"From {len(pts[0])} (N, D) points (the lowest loss over the other swept keys at each): Chinchilla "
-             "approach 3, Huber loss (delta 1e-3) on log L from 432 initialisations, ± = bootstrap standard deviation "
-             f"over points ({len(law.boot.get('a', []))} resamples).", "",
+    lines = [f"From {len(pts[0])} (N, D) points (the lowest loss over the other swept keys at each; N all parameters, "
+             "D tokens seen, C = 6ND): Chinchilla approach 3, Huber loss (delta 1e-3) on log L from 432 initialisations; "
+             "± = half the 16-84 % range of the bootstrap over points "
+             f"({len(law.boot.get('a', []))} resamples): a ± far above the value means the points do not pin it down.", "",
              "| | value | ± |", "|---|---|---|"]
     for name in ("E", "A", "B", "alpha", "beta", "a"):
         lines.append(f"| {name} | {getattr(law, name):.4g} | {law.spread(name):.2g} |")
