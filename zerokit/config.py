@@ -280,6 +280,9 @@ RULES = {
     "eval.strategy": _choice("greedy", "beam"), "eval.num_beams": _int(1), "eval.max_new_tokens": _int(1),
     "eval.batch_size": _int(1), "eval.max_samples": _int(1, null=True),
     "model.preset": _presets(), "model.dropout": _num(0, 1, null=True),
+    "model.attn": _choice("eager", "sdpa", "flash"),
+    "model.sdpa_backend": _choice("auto", "math", "efficient", "flash", "cudnn"),
+    "model.kv_heads": _int(1, null=True),
     "lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1),
     "fsdp": _choice("none", "full_shard", "shard_grad_op"), "peft": _choice("none", "lora", "qlora"),
     "report_to": _comma_subset("none", "tensorboard", "wandb"), "prometheus_port": _int(0, 65535),
@@ -332,6 +335,9 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
         raise UsageError(f"resume={resume}: not a checkpoint directory (no trainer_state.json); pass a "
                          f"<run_dir>/checkpoints/step_N folder, resume=auto or resume=none")
     _check_pretrained(cfg, defaults)
+    if lookup(cfg, "model.attn") is not MISSING:  # flash without a GPU, a CUDA-only sdpa kernel on a CPU
+        from zerokit.attention import attn_implementation
+        attn_implementation(cfg.model.attn, cfg.model.get("sdpa_backend", "auto"))
 
 
 def _check_ds_config(ds: dict, train) -> None:

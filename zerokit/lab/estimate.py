@@ -201,6 +201,16 @@ def describe(e: Estimate) -> dict:
     }
 
 
+def kv_cache_bytes_per_token(config, precision: str = "bf16") -> int:
+    """Generation's KV cache for one token of one sequence: 2 (K and V) x layers x kv_heads x head_dim x dtype
+    bytes. kv_heads is num_key_value_heads where the config has it (GQA, MQA), else the attention heads (MHA)."""
+    config = resolve_config(config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * BYTES[precision]
+
+
 def format_estimate(e: Estimate, name: str = "") -> str:
     i = e.inputs
     lines = [f"zerokit estimate{': ' + name if name else ''} | {i['world_size']} rank(s), ZeRO-{i['stage']}, "
@@ -247,10 +257,11 @@ def estimate_main(argv: list[str] | None = None) -> int:
     e = estimate(config, world_size=a.gpus * a.nodes, stage=a.stage, offload=a.offload, micro_batch=a.micro_batch,
                  seq=default_seq(config, a.seq), grad_ckpt=a.grad_ckpt, precision=a.precision, peft=a.peft,
                  attn=a.attn, grad_accum=a.grad_accum, gpus_per_node=a.gpus, lora_r=a.lora_r, device=a.device)
+    kv = kv_cache_bytes_per_token(config, a.precision)  # generation, not the training step: reported beside it
     if a.json:
-        print(json.dumps(dict(e.as_dict(), model=a.model, descriptions=describe(e)), indent=2))
+        print(json.dumps(dict(e.as_dict(), model=a.model, descriptions=describe(e), kv_cache_bytes_per_token=kv), indent=2))
     else:
-        print(format_estimate(e, a.model))
+        print(format_estimate(e, a.model) + f"\ngeneration KV cache ({a.precision}): {kv:,} bytes per token per sequence")
     return 0
 
 
