@@ -114,7 +114,11 @@ def benchmark_prompts(tokenizer, texts: list[str] | None, prompt_tokens: int, se
     return [allowed[torch.randint(0, len(allowed), (prompt_tokens,), generator=g)].tolist() for _ in range(64)]
 
 
-def run_benchmark(model, tokenizer, prompts: list[list[int]], batch_sizes: list[int], new_tokens: int,
+def pad_id_of(tokenizer) -> int:
+    return next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+
+
+def run_benchmark(model, prompts: list[list[int]], batch_sizes: list[int], new_tokens: int, pad_id: int,
                   modes: tuple = MODES) -> list[dict]:
     """Every mode at every batch size on the first `batch` prompts (cycled); each row says whether its
     tokens equal the dynamic-cache `generate` of the same prompts (`same_as_dynamic`)."""
@@ -127,7 +131,6 @@ def run_benchmark(model, tokenizer, prompts: list[list[int]], batch_sizes: list[
     if positions and max(map(len, prompts)) + new_tokens > positions:
         raise UsageError(f"prompts of {max(map(len, prompts))} tokens + max_new_tokens={new_tokens} exceed the model's "
                          f"{positions} positions; use shorter prompts (--prompt_tokens) or fewer new tokens")
-    pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     rows = []
     with eval_mode(model):
         run_generate(model, prompts[:1], 2, "dynamic", pad_id)  # warm-up: first-call set-up is not generation speed
@@ -186,7 +189,7 @@ def benchmark_main(args, model, tokenizer) -> int:
     if args.threads:  # on a shared CPU, fewer threads than cores can be much faster (no spinning on busy cores)
         torch.set_num_threads(args.threads)
     prompts = benchmark_prompts(tokenizer, args.prompt, args.prompt_tokens, args.seed or 0)
-    rows = run_benchmark(model, tokenizer, prompts, sizes, args.max_new_tokens, modes)
+    rows = run_benchmark(model, prompts, sizes, args.max_new_tokens, pad_id_of(tokenizer), modes)
     device = next(model.parameters()).device
     setup = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(),
              "load_average": os.getloadavg(), "dtype": str(next(model.parameters()).dtype),
@@ -194,7 +197,7 @@ def benchmark_main(args, model, tokenizer) -> int:
              "prompts": "given" if args.prompt else f"{args.prompt_tokens} random tokens each",
              "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(f"generation benchmark: {args.model} on {device}, greedy, {args.max_new_tokens} new tokens, eos ignored; "
-          f"load average {setup['load_average'][0]:.2f}")
+          f"load average {setup['load_average'][0]:.2f}\n")
     print(table(rows))
     if not all(r["same_as_dynamic"] for r in rows):
         print("note: some modes decoded other tokens than the dynamic cache (same_tokens False)")

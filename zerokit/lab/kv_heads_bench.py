@@ -1,7 +1,8 @@
 """MHA vs GQA vs MQA on one Llama shape: the same short pre-training for each model.kv_heads (validation
 bits per byte, training tokens/s), then the exported model's KV cache per token (the estimator's formula and
 a real DynamicCache) and its decode speed (`zerokit generate --benchmark`'s dynamic-cache rows).
-Writes kv_heads.csv and report.md; `bash bench/kv_heads.sh` runs the CPU preset."""
+Decode speed at a size where the cache matters: a randomly initialised larger preset per kv_heads.
+Writes kv_heads.csv, kv_heads_scale.csv and report.md; `bash bench/kv_heads.sh` runs the CPU preset."""
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ def train_export(run_dir: Path, overrides: list[str]) -> tuple[dict, Path]:
 def measure(kv_heads: int, out: Path, *, preset: str, steps: int, threads: int, batch_sizes: list[int],
             new_tokens: int, prompt_tokens: int, extra: list[str]) -> list[dict]:
     from zerokit.generate import load_for_generation
-    from zerokit.generate_bench import benchmark_prompts, run_benchmark
+    from zerokit.generate_bench import benchmark_prompts, pad_id_of, run_benchmark
     from zerokit.lab.estimate import kv_cache_bytes_per_token
     from zerokit.models import count_params
 
@@ -43,7 +44,7 @@ def measure(kv_heads: int, out: Path, *, preset: str, steps: int, threads: int, 
     model, tok = load_for_generation(str(model_dir), device="cpu")
     torch.set_num_threads(threads)
     prompts = benchmark_prompts(tok, None, prompt_tokens)
-    gen = run_benchmark(model, tok, prompts, batch_sizes, new_tokens, ("dynamic",))
+    gen = run_benchmark(model, prompts, batch_sizes, new_tokens, pad_id_of(tok), ("dynamic",))
     per_token = kv_cache_bytes_per_token(model.config, "fp32")
     rows = []
     for g in gen:
@@ -56,7 +57,36 @@ def measure(kv_heads: int, out: Path, *, preset: str, steps: int, threads: int, 
     return rows
 
 
-def report(rows: list[dict], path: Path, argv: list[str], load: tuple) -> None:
+def decode_at_scale(kv_heads: int, preset: str, batch: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Decode speed and KV cache of a randomly initialised larger preset (speed needs no training): at this
+    size a decode step reads the weights and the whole cache, so fewer K/V heads read less."""
+    from zerokit.generate_bench import run_benchmark
+    from zerokit.lab.estimate import kv_cache_bytes_per_token
+    from zerokit.models import build_causal_lm, count_params
+
+    model = build_causal_lm(preset, None, None, None, dropout=0.0, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
+    row = run_benchmark(model, prompts, [batch], new_tokens, 0, ("dynamic",))[0]
+    return {"preset": preset, "kv_heads": kv_heads, "heads": model.config.num_attention_heads,
+            "params": count_params(model), "batch": batch, "context": prompt_tokens + new_tokens,
+            "kv_bytes_per_token_fp32": kv_cache_bytes_per_token(model.config, "fp32"),
+            "kv_cache_mib": row["kv_cache_bytes"] / 2**20, "prefill_tok_s": row["prefill_tok_s"],
+            "decode_tok_s": row["decode_tok_s"]}
+
+
+def scale_table(rows: list[dict]) -> list[str]:
+    head = ["preset", "kv_heads", "params", "batch x context", "KV bytes/token", "KV cache MiB", "prefill tok/s",
+            "decode tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['kv_heads']} of {r['heads']} | {r['params']:,} | {r['batch']} x {r['context']} | "
+                     f"{r['kv_bytes_per_token_fp32']:,} | {r['kv_cache_mib']:,.1f} | {r['prefill_tok_s']:,.0f} | "
+                     f"{r['decode_tok_s']:,.1f} |")
+    return lines
+
+
+def report(rows: list[dict], path: Path, argv: list[str], load: tuple, scale: list[dict] | None = None) -> None:
     head = ["kv_heads", "params", "val bpb", "train tok/s", "KV bytes/token (formula)", "measured", "batch",
             "prefill tok/s", "decode tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -76,7 +106,9 @@ def report(rows: list[dict], path: Path, argv: list[str], load: tuple) -> None:
         "machine). "
         "KV bytes/token: 2 x layers x kv_heads x head_dim x 4 (fp32), and the measured DynamicCache after "
         "`generate` divided by the tokens it holds. Decode: greedy, eos ignored, dynamic cache.", "",
-        *lines, ""]))
+        *lines, "",
+        *(["Decode at a larger size (random weights: speed needs no training; greedy, eos ignored, dynamic cache):", "",
+           *scale_table(scale), ""] if scale else [])]))
 
 
 def kv_heads_bench_main(argv: list[str] | None = None) -> int:
@@ -91,6 +123,12 @@ def kv_heads_bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--out", default="bench/results/kv_heads", help="kv_heads.csv and report.md")
     p.add_argument("--runs", default="runs/kv_heads_bench", help="the training runs and exported models")
+    p.add_argument("--scale-preset", default="llama-120m", help="a larger preset for decode speed (random weights); "
+                                                                "'none' skips it")
+    p.add_argument("--scale-kv-heads", default="12,4,1", help="its kv_heads values")
+    p.add_argument("--scale-batch", type=int, default=8)
+    p.add_argument("--scale-prompt-tokens", type=int, default=256)
+    p.add_argument("--scale-new-tokens", type=int, default=16)
     p.add_argument("overrides", nargs="*", help="more recipe key=value overrides (e.g. data.cache_dir=...)")
     a = p.parse_args(argv)
     try:
@@ -105,7 +143,13 @@ def kv_heads_bench_main(argv: list[str] | None = None) -> int:
         rows += measure(kv, Path(a.runs), preset=a.preset, steps=a.steps, threads=a.threads, batch_sizes=sizes,
                         new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens, extra=a.overrides)
     write_csv(rows, out / "kv_heads.csv")
-    report(rows, out / "report.md", sys.argv[1:] if argv is None else argv, load)
+    scale = []
+    if a.scale_preset != "none":
+        torch.set_num_threads(a.threads)
+        scale = [decode_at_scale(int(kv), a.scale_preset, a.scale_batch, a.scale_prompt_tokens, a.scale_new_tokens)
+                 for kv in a.scale_kv_heads.split(",")]
+        write_csv(scale, out / "kv_heads_scale.csv")
+    report(rows, out / "report.md", sys.argv[1:] if argv is None else argv, load, scale)
     print((out / "report.md").read_text())
     return 0
 
