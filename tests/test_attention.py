@@ -19,6 +19,15 @@ from zerokit.manifest import identity
 from zerokit.models import build_causal_lm, enable_grad_ckpt
 
 PRETRAIN_YAML = REPO / "recipes" / "configs" / "pretrain_gpt.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: on a CPU shared with other jobs, two OpenMP threads spinning on busy cores ran 10-30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 FUSED_CPU = "_scaled_dot_product_flash_attention_for_cpu"
 
 
@@ -138,20 +147,21 @@ def test_kv_cache_bytes_and_cached_greedy_decoding(kv):
         formula = 2 * cfg.num_hidden_layers * kv * (cfg.hidden_size // cfg.num_attention_heads) * dtype.itemsize
         assert _cache_bytes(cache) == rows * length * formula == rows * length * kv_cache_bytes_per_token(cfg, precision)
     model.float()
-    kwargs = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         cached = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
         uncached = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)
-    assert cached.shape == (rows, length + 20)
+    assert cached.shape == (rows, length + 12)
     assert torch.equal(cached, uncached)
 
 
 def test_attention_bench_memory_grows_quadratically_for_eager_only():
-    rows = attention_bench(["eager", "sdpa-math", "sdpa-flash"], [512, 1024], repeats=1)
-    growth = {r["impl"]: r["mem_growth_per_doubling"] for r in rows if r["seq"] == 1024}
-    assert growth["eager"] > 3.2 and growth["sdpa-math"] > 3.2, growth  # the score matrices dominate
-    assert 1.6 < growth["sdpa-flash"] < 2.4, growth  # O(seq): no score matrix
+    rows = attention_bench(["eager", "sdpa-math", "sdpa-flash"], [256, 512], repeats=1)
+    growth = {r["impl"]: r["mem_growth_per_doubling"] for r in rows if r["seq"] == 512}
+    # bench/attention.sh at 2048 -> 4096: x3.95, x3.95, x1.99; at 512 the linear parts still weigh in
+    assert growth["eager"] > 2.8 and growth["sdpa-math"] > 2.8, growth  # the score matrices take over
+    assert 1.6 < growth["sdpa-flash"] < 2.2, growth  # O(seq): no score matrix
     eager = {r["seq"]: r for r in rows if r["impl"] == "eager"}
     # at least the one saved softmax matrix of the block is live at the peak
-    assert eager[1024]["peak_mib"] > eager[1024]["score_matrix_mib"]
+    assert eager[512]["peak_mib"] > eager[512]["score_matrix_mib"]
     assert all(r["seconds"] > 0 and r["tokens"] == r["seq"] for r in rows)

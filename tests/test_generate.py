@@ -137,6 +137,15 @@ def test_module_entry_point_reports_usage_error(tmp_path, capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- --benchmark
 
+@pytest.fixture
+def one_thread():
+    # Tiny models: on a CPU shared with other jobs, two OpenMP threads spinning on busy cores ran 10-30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _greedy_ids(model, ids, n):
     """Independent greedy decoding on token ids: one prompt, no padding, no KV cache, n argmax steps (eos ignored)."""
     ids = torch.tensor([ids])
@@ -147,7 +156,7 @@ def _greedy_ids(model, ids, n):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_every_cache_mode_and_continuous_batching_match_an_uncached_greedy_loop(saved, arch):
+def test_every_cache_mode_and_continuous_batching_match_an_uncached_greedy_loop(saved, arch, one_thread):
     model, tok = _load(saved[arch])
     prompts = [tok(p)["input_ids"] for p in PROMPTS]  # three lengths: left padding / a ragged paged batch
     want = [_greedy_ids(model, p, 8) for p in prompts]
@@ -160,8 +169,8 @@ def test_every_cache_mode_and_continuous_batching_match_an_uncached_greedy_loop(
     assert row["generated_tokens"] == 24 and row["prompt_tokens"] == sum(map(len, prompts))
 
 
-def test_benchmark_cli_writes_its_table_json_and_csv(saved, tmp_path, capsys):
-    out = tmp_path / "bench"
+def test_benchmark_cli_writes_its_table_json_and_csv(saved, tmp_path, capsys, one_thread):
+    out = tmp_path / "bench"  # --threads sets the process's threads: one_thread restores them afterwards
     assert generate_main(["--model", str(saved["llama"]), "--benchmark", "--batch_sizes", "1,3", "--max_new_tokens", "6",
                           "--prompt_tokens", "10", "--threads", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
