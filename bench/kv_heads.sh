@@ -3,7 +3,7 @@
 # tiny-shakespeare for each (validation bits per byte, training tokens/s), then the exported model's KV cache
 # bytes per token (formula and a measured DynamicCache) and greedy decode tokens/s at batch 1 and 8; then decode
 # speed where the cache matters: random-weight llama-120m with kv_heads 12 / 4 / 1, batch 8 x 272 tokens.
-# Writes bench/results/kv_heads/{kv_heads.csv,kv_heads_scale.csv,report.md}; runs in runs/kv_heads_bench/
+# Writes bench/results/kv_heads/{kv_heads.csv,kv_heads_scale.csv,report.md}; runs in runs/kv_heads_bench/<date-time>/
 # (~5-6 min on 2 cores).
 #
 #   bash bench/kv_heads.sh                      # 600 steps each

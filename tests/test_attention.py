@@ -2,6 +2,7 @@
 kernel asked for is the one that runs, also in checkpointing's recomputation), the flash error path,
 model.kv_heads, and I2: the KV cache of a real forward is 2 x layers x kv_heads x head_dim x dtype bytes per
 token, and greedy decoding gives the same tokens with and without it (MHA, GQA, MQA)."""
+import json
 import sys
 
 import pytest
@@ -128,6 +129,13 @@ def test_kv_heads_mapping_and_errors():
         load_config(PRETRAIN_YAML, ["model.kv_heads=0"])
     cfg = load_config(PRETRAIN_YAML, ["model.preset=llama-tiny", "model.kv_heads=1"])
     assert identity(cfg, None)["config"]["model.kv_heads"] == 1  # a checkpoint of another kv_heads will not load
+
+
+def test_estimator_reports_the_kv_cache_per_token(capsys):
+    from zerokit.lab.estimate import estimate_main
+    assert estimate_main(["--model", "llama-tiny", "--seq", "32", "--device", "cpu", "--json"]) == 0
+    # llama-tiny: 2 layers x 2 K/V heads x 16 dims x 2 (K and V) x 2 bytes (bf16, the default precision)
+    assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == 2 * 2 * 16 * 2 * 2
 
 
 def _cache_bytes(cache: DynamicCache) -> int:

@@ -6,7 +6,6 @@ Writes kv_heads.csv, kv_heads_scale.csv and report.md; `bash bench/kv_heads.sh` 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,6 @@ def train_export(run_dir: Path, overrides: list[str]) -> tuple[dict, Path]:
     from zerokit.export import export_main
     from zerokit.lab.bench import run_in_process
 
-    if run_dir.exists():  # a fresh run each time: the comparison is between equal budgets
-        shutil.rmtree(run_dir)
     result = run_in_process([f"run_dir={run_dir}", *overrides])
     export_main([str(run_dir), str(run_dir / "model")])
     return result["summary"], run_dir / "model"
@@ -122,7 +119,8 @@ def kv_heads_bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--out", default="bench/results/kv_heads", help="kv_heads.csv and report.md")
-    p.add_argument("--runs", default="runs/kv_heads_bench", help="the training runs and exported models")
+    p.add_argument("--runs", default="runs/kv_heads_bench", help="the training runs and exported models go in a new "
+                                                                 "<runs>/<date-time>/ folder")
     p.add_argument("--scale-preset", default="llama-120m", help="a larger preset for decode speed (random weights); "
                                                                 "'none' skips it")
     p.add_argument("--scale-kv-heads", default="12,4,1", help="its kv_heads values")
@@ -138,9 +136,11 @@ def kv_heads_bench_main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
+    # a new folder per invocation: equal fresh budgets, and no earlier run or checkpoint is touched
+    runs = Path(a.runs) / time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for kv in kvs:
-        rows += measure(kv, Path(a.runs), preset=a.preset, steps=a.steps, threads=a.threads, batch_sizes=sizes,
+        rows += measure(kv, runs, preset=a.preset, steps=a.steps, threads=a.threads, batch_sizes=sizes,
                         new_tokens=a.new_tokens, prompt_tokens=a.prompt_tokens, extra=a.overrides)
     write_csv(rows, out / "kv_heads.csv")
     scale = []
