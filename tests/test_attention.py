@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from launch_util import PRETRAIN, REPO, TINY, run
-from zerokit.attention import attn_implementation, pin_sdpa_backend
+from zerokit.attention import attn_implementation
 from zerokit.config import load_config
 from zerokit.errors import UsageError
 from zerokit.lab.attention_bench import run as attention_bench
@@ -104,6 +104,8 @@ def test_flash_and_cuda_kernels_on_a_cpu_are_one_line_usage_errors(tmp_path):
         load_config(PRETRAIN_YAML, ["model.attn=flash"])
     with pytest.raises(UsageError, match="model.sdpa_backend"):
         load_config(PRETRAIN_YAML, ["model.sdpa_backend=fast"])
+    with pytest.raises(UsageError, match="train.compile"):
+        load_config(PRETRAIN_YAML, ["model.sdpa_backend=math", "train.compile=true"])
     proc = run([sys.executable, PRETRAIN, *TINY, f"run_dir={tmp_path / 'run'}", "model.attn=flash"], check=False, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -337,7 +337,11 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
     _check_pretrained(cfg, defaults)
     if lookup(cfg, "model.attn") is not MISSING:  # flash without a GPU, a CUDA-only sdpa kernel on a CPU
         from zerokit.attention import attn_implementation
-        attn_implementation(cfg.model.attn, cfg.model.get("sdpa_backend", "auto"))
+        backend = cfg.model.get("sdpa_backend", "auto")
+        attn_implementation(cfg.model.attn, backend)
+        if backend != "auto" and lookup(cfg, "train.compile") is True:  # dynamo cannot trace the pinning hooks
+            raise UsageError(f"model.sdpa_backend={backend} cannot be combined with train.compile=true (torch.compile "
+                             "does not trace the hooks that pin the kernel); set model.sdpa_backend=auto or train.compile=false")
 
 
 def _check_ds_config(ds: dict, train) -> None:
