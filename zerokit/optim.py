@@ -6,7 +6,8 @@
     adamw8bit, lion8bit   bitsandbytes' block-wise 8-bit states (plain/DDP and ZeRO; its kernels take no DTensor)
     muon       Muon on the 2-D matrices inside the transformer blocks, AdamW on the rest (embeddings, head,
                biases, norms): torch.optim.Muon (`MuonAdamW`) on plain/DDP; under ZeRO, whose partitions
-               are flat, DeepSpeed's MuonWithAuxAdam, which orthogonalises each whole matrix itself.
+               are flat, DeepSpeed's MuonWithAuxAdam, which orthogonalises each whole matrix itself (ZeRO-3:
+               only with reduce_scatter off, DeepSpeed's rule).
 Which engine allows which is `check_engine`, the one place that says so.
 """
 from __future__ import annotations
@@ -30,8 +31,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, params=None) -> li
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def check_engine(name: str, engine: str, *, offload: bool = False, stage: int = 0, json_optimizer: bool = False) -> None:
-    """What each engine ("plain", "deepspeed", "fsdp") allows, as a UsageError naming an alternative."""
+def check_engine(name: str, engine: str, *, offload: bool = False, stage: int = 0, json_optimizer: bool = False,
+                 reduce_scatter: bool = True) -> None:
+    """What each engine ("plain", "deepspeed", "fsdp") allows, as a UsageError naming an alternative.
+    `reduce_scatter`: DeepSpeed's zero_optimization.reduce_scatter (its default is on)."""
     if name not in OPTIMIZERS:
         raise UsageError(f"optim.name={name} is not one of {', '.join(OPTIMIZERS)}; set e.g. optim.name=adamw")
     if name == "adamw":
@@ -42,9 +45,9 @@ def check_engine(name: str, engine: str, *, offload: bool = False, stage: int = 
     if engine == "deepspeed" and offload:
         raise UsageError(f"optim.name={name} cannot run under DeepSpeed's offload_optimizer (it steps the host copy "
                          f"with DeepSpeedCPUAdam); use optim.name=adamw, or a JSON without offload_optimizer (e.g. zero2.json)")
-    if engine == "deepspeed" and name == "muon" and stage == 3:
-        raise UsageError("optim.name=muon is not supported with ZeRO-3 here (its partitions split matrices across "
-                         "ranks); use ZeRO-1/2 (ds_config=zero2) or DDP (no ds_config)")
+    if engine == "deepspeed" and name == "muon" and stage == 3 and reduce_scatter:
+        raise UsageError("optim.name=muon under ZeRO-3: DeepSpeed refuses Muon with reduce_scatter (on by default); "
+                         "set \"reduce_scatter\": false in the JSON's zero_optimization, or use ZeRO-1/2 (ds_config=zero2)")
     if engine == "fsdp" and name != "lion":
         raise UsageError(f"optim.name={name} cannot step FSDP2's sharded DTensor parameters "
                          f"({'bitsandbytes kernels take plain tensors' if '8bit' in name else 'Muon needs whole matrices'}); "

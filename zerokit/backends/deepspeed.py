@@ -171,7 +171,8 @@ class DeepSpeedBackend:
         self.stage = self.ds_config["zero_optimization"].get("stage", 0)
         name = (optim or {}).get("name", "adamw")
         check_engine(name, "deepspeed", offload=offloads_optimizer(self.ds_config), stage=self.stage,
-                     json_optimizer="optimizer" in self.ds_config)
+                     json_optimizer="optimizer" in self.ds_config,
+                     reduce_scatter=self.ds_config["zero_optimization"].get("reduce_scatter", True))
         optimizer = None
         if "optimizer" not in self.ds_config:
             optimizer = build_optimizer(model, train, optim, engine="deepspeed",

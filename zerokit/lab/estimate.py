@@ -99,7 +99,9 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     _check("precision", precision, tuple(BYTES)); _check("peft", peft, PEFTS); _check("attn", attn, ATTNS)
     _check("device", device, DEVICES)
     check_offload(stage, offload)
-    check_engine(optim, "deepspeed" if stage else "plain", offload=offload_parts(offload)[0], stage=stage)
+    # reduce_scatter: off is how ZeRO-3 takes Muon, and it changes no memory item here
+    check_engine(optim, "deepspeed" if stage else "plain", offload=offload_parts(offload)[0], stage=stage,
+                 reduce_scatter=False)
     if peft == "qlora" and stage == 3:
         raise UsageError("--peft qlora with --stage 3 is not modelled: use --stage 0-2, or --peft lora")
     if min(world_size, micro_batch, seq, grad_accum) < 1:
