@@ -287,6 +287,7 @@ RULES = {
     "fsdp": _choice("none", "full_shard", "shard_grad_op"), "peft": _choice("none", "lora", "qlora"),
     "report_to": _comma_subset("none", "tensorboard", "wandb"), "prometheus_port": _int(0, 65535),
     "sample.max_new_tokens": _int(0), "sample.temperature": _num(0, lo_open=True), "sample.top_k": _int(0),
+    "optim.name": _choice("adamw", "lion", "adamw8bit", "lion8bit", "muon"), "optim.muon_lr": _num(0, lo_open=True),
 }
 
 

@@ -250,7 +250,8 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     model = build_model(cfg, path, kind, tokenizer, num_labels)
     # Pre-trained bases carry parts a task never uses (an encoder-decoder's encoder pooler), which DDP
     # refuses unless told; HF Trainer's default too. The cost is one autograd-graph walk per step.
-    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True)
+    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True,
+                           optim=cfg.optim)
 
     # What `zerokit export` needs besides the weights: the model config, tokenizer, task kind, base, LoRA layout.
     base = str(Path(path).resolve()) if Path(path).exists() else path  # export may run from another folder
