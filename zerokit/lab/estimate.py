@@ -265,13 +265,9 @@ def estimate_main(argv: list[str] | None = None) -> int:
     config = resolve_config(a.model)
     e = estimate(config, world_size=a.gpus * a.nodes, stage=a.stage, offload=a.offload, micro_batch=a.micro_batch,
                  seq=default_seq(config, a.seq), grad_ckpt=a.grad_ckpt, precision=a.precision, peft=a.peft,
-<<<<<<< HEAD
-                 attn=a.attn, grad_accum=a.grad_accum, gpus_per_node=a.gpus, lora_r=a.lora_r, device=a.device)
-    kv = kv_cache_bytes_per_token(config, a.precision)  # generation, not the training step: reported beside it
-=======
                  attn=a.attn, grad_accum=a.grad_accum, gpus_per_node=a.gpus, lora_r=a.lora_r, device=a.device,
                  optim=a.optim)
->>>>>>> optim
+    kv = kv_cache_bytes_per_token(config, a.precision)  # generation, not the training step: reported beside it
     if a.json:
         print(json.dumps(dict(e.as_dict(), model=a.model, descriptions=describe(e), kv_cache_bytes_per_token=kv), indent=2))
     else:
