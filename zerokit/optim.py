@@ -1,7 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only (the learning-rate schedule is zerokit/schedule.py)."""
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -25,16 +23,6 @@ def build_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], e
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None, foreach=None if on_cuda else True)
-
-
-def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
-    """Linear warm-up to `lr`, then cosine decay to the floor `min_lr` at `max_steps`."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
