@@ -137,14 +137,12 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
 
     # The last step: max_steps, or with a time budget as rank 0 predicts it at each log step (ranks agree
     # on it through the log step's gather, so no step needs a sync of its own).
-    budget = TimeBudget(budget_s, t.max_steps) if budget_s else None
+    budget = TimeBudget(budget_s, t.max_steps, window=t.log_every) if budget_s else None
     end_step = t.max_steps if budget is None else budget.end
     schedule = {"lr": t.lr, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
                 "schedule": t.get("schedule", "cosine"), "decay_fraction": t.get("decay_fraction", 0.2)}
     bar = progress_bar(end_step if end_step < NO_LIMIT else None, step, info.is_main)
-    # A timed run also decides after its first step: the step time is then measured without that step's
-    # one-off costs, and a short budget is not overrun while waiting for the first log step.
-    first_decision = step + 1 if budget is not None else None
+    decision = None  # a timed run's extra decision step near its end (TimeBudget.next_check)
     last_ckpt_time = time.time()
     # [loss sum, input tokens] of this rank since the last log, and the global target count.
     interval = torch.zeros(2, dtype=torch.float64, device=info.device)
@@ -157,9 +155,10 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     while step < end_step:
         data_position = loader.state_dict()
         window = loader.next_window()
-        # The horizon (where the schedule reaches its floor): max_steps, as always; with a time budget the
-        # predicted last step itself, so the run ends at the floor.
-        lr = lr_at(step, max_steps=end_step if budget is None else end_step - 1, **schedule)
+        # The horizon (where the schedule reaches its floor): max_steps, as always; where a time budget ends
+        # the run first, the predicted last step itself, so the run ends at the floor.
+        lr = lr_at(step, max_steps=end_step - 1 if budget is not None and budget.timed_out(end_step) else end_step,
+                   **schedule)
         try:
             loss_sum, window_targets, grad_norm = train_step(backend, task, window, info, lr, guard)
         except NonFiniteStep as bad:  # nothing of this step was applied: save the state before it, then stop
@@ -174,7 +173,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
         interval_targets += window_targets  # device tensors: read only at log steps (no sync per step)
         bar.update(1)
 
-        if step % t.log_every == 0 or step == end_step or step == first_decision:
+        if step % t.log_every == 0 or step == end_step or step == decision:
             # The one host sync of the interval: losses, memory, and the stop/checkpoint/end decisions.
             loss_sum, n_inputs = all_reduce_sum(interval.clone()).tolist()
             interval_time = time.perf_counter() - interval_start - paused
@@ -187,8 +186,9 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
             ranks = all_gather_objects({"peak_mem_mb": peak_memory_mb(info.device), "stop": stop.requested,
                                         "ckpt_due": ckpt_due, "end_step": predicted})
             end_step = ranks[0]["end_step"]  # rank 0's clock decides for everyone, as for checkpoints
-            if budget is not None and end_step < NO_LIMIT:
-                bar.total = end_step
+            if budget is not None:
+                decision = budget.next_check(step, end_step, t.log_every)  # from agreed values: all ranks agree
+                bar.total = end_step if end_step < NO_LIMIT else None
             tok_s = n_inputs / interval_time
             targets = float(interval_targets)  # 0 when every step of the interval was skipped (NaN is logged as null)
             record = {"step": step, "loss": loss_sum / targets if targets else float("nan"), "lr": backend_lr(backend),

@@ -7,9 +7,10 @@ Every schedule warms up linearly from ~0 to `lr` over `warmup_steps`, then:
             Fixed Training Durations": 1-sqrt beat linear decay at equal length in their sweeps; it drops
             fast first and lingers near the floor, where WSD's loss falls most);
   constant  stays at `lr` (its floor is `lr`).
-The horizon is the step at which the schedule reaches its floor: `train.max_steps` in step-count mode
-(the last step run is horizon - 1, as the cosine schedule always had it), or, with a time budget, the
-last step itself, as TimeBudget predicts it from the measured step time.
+The horizon is the step at which the schedule reaches its floor. In step-count mode it is
+`train.max_steps` (the last step run is horizon - 1, as the cosine schedule always had it). With a time
+budget it is the last step itself, as TimeBudget predicts it from the measured step time, so the run
+ends at the floor; where `max_steps` ends the run first, the run is the step-count run exactly.
 """
 from __future__ import annotations
 
@@ -45,29 +46,47 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr: fl
 
 
 class TimeBudget:
-    """Predicts the step at which `budget_s` seconds of training time run out.
+    """Predicts the step at which `budget_s` seconds of training time run out (`end`), capped at `max_steps`.
 
-    `update(step, train_seconds)` is called at log steps (where the loop syncs anyway) with the training
-    time so far (eval and checkpoint time excluded); the time is a parameter, so any clock can drive it.
-    The step time is the average since the first update (the steps before it carry one-off costs:
-    allocation, kernel selection) or, across a resume, since the resumed run's first update. Returns the
-    predicted last step: at least `step` (`step` itself means: stop now), at most `max_steps` (0: none).
+    `update(step, train_seconds)` is called at decision steps (log steps, where the loop syncs anyway) with
+    the training time so far (eval and checkpoint time excluded); the time is a parameter, so any clock can
+    drive it. The step time is that of the last `window` steps or more (from the newest earlier update that
+    far back): on a shared machine the recent past predicts the next minutes better than the run's average
+    (a slow-down half-way would make an average overrun the budget), and `window` steps average out the
+    noise of single steps. The first update only starts the clock: the steps before it carry one-off
+    costs (allocation, kernel selection; after a resume, the restore). Returns the predicted last step: at
+    least `step` + 1 while time remains (`step` itself, once none does: stop now), at most `max_steps`
+    (0: no bound).
     """
 
-    def __init__(self, budget_s: float, max_steps: int = 0):
-        self.budget_s, self.max_steps = budget_s, max_steps
-        self.ref: tuple[int, float] | None = None  # (step, seconds) where the step-time measurement starts
+    def __init__(self, budget_s: float, max_steps: int = 0, window: int = 20):
+        self.budget_s, self.max_steps, self.window = budget_s, max_steps, window
+        self.history: list[tuple[int, float]] = []  # (step, seconds) of the updates since `window` steps back
         self.end = max_steps or NO_LIMIT  # before any measurement: as far as the step bound allows
 
     def update(self, step: int, train_seconds: float) -> int:
         remaining = self.budget_s - train_seconds
+        far_enough = [h for h in self.history if h[0] <= step - self.window]
+        start = far_enough[-1] if far_enough else (self.history[0] if self.history else None)
         if remaining <= 0:
             self.end = step
-        elif self.ref is None:
-            self.ref = (step, train_seconds)
-        elif step > self.ref[0] and train_seconds > self.ref[1]:
-            per_step = (train_seconds - self.ref[1]) / (step - self.ref[0])
-            # Round to the nearer step: the run then ends within half a step of the budget.
-            end = step + round(remaining / per_step)
+        elif start is not None and step > start[0] and train_seconds > start[1]:
+            per_step = (train_seconds - start[1]) / (step - start[0])
+            # The nearer step, but at least one more while time remains: that step runs at the floor.
+            end = step + max(1, round(remaining / per_step))
             self.end = min(end, self.max_steps) if self.max_steps else end
+        self.history = [h for h in self.history if h[0] >= (start[0] if start else 0)] + [(step, train_seconds)]
         return self.end
+
+    def timed_out(self, end: int) -> bool:
+        """Whether the budget, not max_steps, ends the run at `end` (then the horizon is `end` - 1)."""
+        return end != self.max_steps
+
+    def next_check(self, step: int, end: int, log_every: int) -> int:
+        """The step of the next decision after one at `step`: the next log step, or, once a budget's end
+        is nearer than that, half-way to it, so that a change of pace in the last interval (another job
+        on the machine) is caught: log2(log_every) extra decisions per run."""
+        nxt = (step // log_every + 1) * log_every
+        if self.timed_out(end) and end - step <= log_every:
+            nxt = min(nxt, step + max(1, (end - step) // 2))
+        return min(nxt, end)
