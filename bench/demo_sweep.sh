@@ -33,6 +33,29 @@ wsd-6e-3             train.schedule=wsd train.lr=6e-3 train.warmup_steps=50 trai
 wsd-6e-3-b256        train.schedule=wsd train.lr=6e-3 train.warmup_steps=50 train.decay_fraction=0.3 data.block_size=256 train.micro_batch_size=4
 GRID
     ;;
+    r3) cat <<'GRID'  # wsd at the old lr: the length of the decay, against the old defaults again
+old-defaults-r3      train.schedule=cosine train.lr=3e-3 train.warmup_steps=100
+wsd-3e-3-d0.2        train.schedule=wsd train.lr=3e-3 train.warmup_steps=100 train.decay_fraction=0.2
+wsd-3e-3-d0.4        train.schedule=wsd train.lr=3e-3 train.warmup_steps=100 train.decay_fraction=0.4
+GRID
+    ;;
+    r4) cat <<'GRID'  # round 3's best: a shorter warm-up, a larger vocabulary (more bytes a token)
+wsd-d0.2-w100        train.schedule=wsd train.lr=3e-3 train.warmup_steps=100 train.decay_fraction=0.2
+wsd-d0.2-w40         train.schedule=wsd train.lr=3e-3 train.warmup_steps=40 train.decay_fraction=0.2
+wsd-d0.2-w100-v2048  train.schedule=wsd train.lr=3e-3 train.warmup_steps=100 train.decay_fraction=0.2 data.vocab_size=2048
+GRID
+    ;;
+    r5) cat <<'GRID'  # round 4's best (vocab 2048): a larger vocabulary still, and a lower lr
+v2048-3e-3           train.schedule=wsd train.lr=3e-3 train.warmup_steps=100 train.decay_fraction=0.2 data.vocab_size=2048
+v4096-3e-3           train.schedule=wsd train.lr=3e-3 train.warmup_steps=100 train.decay_fraction=0.2 data.vocab_size=4096
+v2048-2e-3           train.schedule=wsd train.lr=2e-3 train.warmup_steps=100 train.decay_fraction=0.2 data.vocab_size=2048
+GRID
+    ;;
+    final) cat <<'GRID'  # at the demo's 4.5 minutes: the chosen defaults (no overrides) against the old ones
+old-defaults-final   train.schedule=cosine train.lr=3e-3 train.warmup_steps=100 data.vocab_size=1024
+new-defaults-final
+GRID
+    ;;
     *) echo "unknown round $1" >&2; exit 2 ;;
     esac
 }
