@@ -115,8 +115,16 @@ def test_decisions_halve_the_distance_to_a_budgets_end():
     assert TimeBudget(60.0, 1000).next_check(985, 1000, 20) == 1000  # max_steps' end: log steps only
 
 
-def test_spent_budget_stops_at_once():
-    assert TimeBudget(10.0).update(37, 10.5) == 37
+def test_spent_budget_ends_with_one_step_at_the_floor():
+    assert TimeBudget(10.0).update(37, 10.5) == 38
+
+
+def test_a_passing_burst_far_from_the_end_barely_moves_the_horizon():
+    """One slow log interval (10x) early in a long run: the look back spans the whole run so far."""
+    slow = simulate(120.0, lambda s: 0.5 if 400 <= s < 420 else 0.05)
+    # The end is step 2220; the last 20 steps alone (0.5 s a step) would have predicted ~600.
+    assert min(slow[2][21:]) > 1600 and slow[2][-1] == slow[0] == pytest.approx(2220, abs=1)
+    assert slow[1] == pytest.approx(120.0, rel=0.005) and slow[3] == MIN_LR
 
 
 def _summary(run_dir):
@@ -157,12 +165,14 @@ def test_step_mode_wsd_resume_is_exact(tmp_path):
 @pytest.mark.slow
 def test_timed_resume_spends_the_rest_of_the_budget(tmp_path):
     """A timed run resumed from a mid-run checkpoint trains the rest of the budget (train_seconds carries)."""
-    pretrain(tmp_path / "ref", *TIMED, "train.max_minutes=0.25", "train.checkpoint_every=300")
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_300", tmp_path / "step_300")
-    pretrain(tmp_path / "resumed", *TIMED, "train.max_minutes=0.25", f"resume={tmp_path / 'step_300'}")
+    pretrain(tmp_path / "ref", *TIMED, "train.max_minutes=0.25", "train.checkpoint_every=50", "train.keep_checkpoints=0")
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_50", tmp_path / "step_50")
+    spent = json.loads((tmp_path / "step_50" / "trainer_state.json").read_text())["train_seconds"]
+    assert 0 < spent < 15
+    pretrain(tmp_path / "resumed", *TIMED, "train.max_minutes=0.25", f"resume={tmp_path / 'step_50'}")
     s = _summary(tmp_path / "resumed")
     assert 0.98 * 15 <= s["train_seconds"] <= 1.02 * 15 and s["final_lr"] == 1e-4, s
-    assert min(losses(tmp_path / "resumed")) > 300
+    assert min(losses(tmp_path / "resumed")) > 50
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
 
     def checkpoint(at_step: int) -> Path:
         state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "loader": loader.state_dict()}
-        if budget is not None and at_step == end_step:  # a resume of it has nothing left to do
+        if budget is not None and at_step == end_step and budget.timed_out(end_step):  # a resume has nothing to do
             state["time_budget_spent_s"] = budget_s
         try:
             return save_checkpoint(run_dir, at_step, backend, state, info, keep=t.keep_checkpoints,

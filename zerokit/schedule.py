@@ -50,33 +50,40 @@ class TimeBudget:
 
     `update(step, train_seconds)` is called at decision steps (log steps, where the loop syncs anyway) with
     the training time so far (eval and checkpoint time excluded); the time is a parameter, so any clock can
-    drive it. The step time is that of the last `window` steps or more (from the newest earlier update that
-    far back): on a shared machine the recent past predicts the next minutes better than the run's average
-    (a slow-down half-way would make an average overrun the budget), and `window` steps average out the
-    noise of single steps. The first update only starts the clock: the steps before it carry one-off
-    costs (allocation, kernel selection; after a resume, the restore). Returns the predicted last step: at
-    least `step` + 1 while time remains (`step` itself, once none does: stop now), at most `max_steps`
-    (0: no bound).
+    drive it. The step time is measured over as many past steps as the end is ahead (at least `window`):
+    on a shared machine the recent past predicts the next minutes better than the run's average (a
+    slow-down half-way would make an average overrun the budget), while far from the end a long look back
+    keeps a passing burst from moving the horizon. The first update only starts the clock: the steps before
+    it carry one-off costs (allocation, kernel selection; after a resume, the restore). Returns the
+    predicted last step, always at least `step` + 1 (once the time is spent: one more step, which runs at
+    the floor) and at most `max_steps` (0: no bound).
     """
 
     def __init__(self, budget_s: float, max_steps: int = 0, window: int = 20):
         self.budget_s, self.max_steps, self.window = budget_s, max_steps, window
-        self.history: list[tuple[int, float]] = []  # (step, seconds) of the updates since `window` steps back
+        self.history: list[tuple[int, float]] = []  # (step, seconds) at each update
         self.end = max_steps or NO_LIMIT  # before any measurement: as far as the step bound allows
 
     def update(self, step: int, train_seconds: float) -> int:
         remaining = self.budget_s - train_seconds
-        far_enough = [h for h in self.history if h[0] <= step - self.window]
-        start = far_enough[-1] if far_enough else (self.history[0] if self.history else None)
-        if remaining <= 0:
-            self.end = step
-        elif start is not None and step > start[0] and train_seconds > start[1]:
-            per_step = (train_seconds - start[1]) / (step - start[0])
+        if remaining <= 0:  # spent (the pace fell since the last decision): one more step, at the floor
+            self.end = step + 1
+        elif self.history and train_seconds > self.history[-1][1]:
+            # Look back as far as the end looks ahead (at least `window` steps): far from the end a long
+            # average keeps a passing burst of load from moving the horizon; near it, the recent pace rules.
+            ahead = remaining / self._per_step(step, train_seconds, self.window)
+            per_step = self._per_step(step, train_seconds, max(self.window, ahead))
             # The nearer step, but at least one more while time remains: that step runs at the floor.
-            end = step + max(1, round(remaining / per_step))
-            self.end = min(end, self.max_steps) if self.max_steps else end
-        self.history = [h for h in self.history if h[0] >= (start[0] if start else 0)] + [(step, train_seconds)]
+            self.end = step + max(1, round(remaining / per_step))
+        if self.max_steps:
+            self.end = min(self.end, self.max_steps)
+        self.history.append((step, train_seconds))
         return self.end
+
+    def _per_step(self, step: int, train_seconds: float, lookback: float) -> float:
+        back = [h for h in self.history if h[0] <= step - lookback]
+        start = back[-1] if back else self.history[0]
+        return (train_seconds - start[1]) / (step - start[0])
 
     def timed_out(self, end: int) -> bool:
         """Whether the budget, not max_steps, ends the run at `end` (then the horizon is `end` - 1)."""
