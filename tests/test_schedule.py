@@ -1,6 +1,7 @@
 """Learning-rate schedules (cosine, wsd, constant) and the training-time budget (train.max_minutes)."""
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -125,6 +126,19 @@ def test_a_passing_burst_far_from_the_end_barely_moves_the_horizon():
     # The end is step 2220; the last 20 steps alone (0.5 s a step) would have predicted ~600.
     assert min(slow[2][21:]) > 1600 and slow[2][-1] == slow[0] == pytest.approx(2220, abs=1)
     assert slow[1] == pytest.approx(120.0, rel=0.005) and slow[3] == MIN_LR
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.schedule=linear", "train.schedule=linear is not one of cosine, wsd, constant"),
+    ("train.decay_fraction=0", "train.decay_fraction=0.0 is not a number in (0, 1]"),
+    ("train.max_minutes=-1", "train.max_minutes=-1.0 is not a number >= 0"),
+])
+def test_settings_are_checked(override, message):
+    from launch_util import REPO
+    from zerokit.config import load_config
+    from zerokit.errors import UsageError
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_config(REPO / "recipes" / "configs" / "pretrain_gpt.yaml", [override])
 
 
 def _summary(run_dir):

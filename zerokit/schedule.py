@@ -90,10 +90,10 @@ class TimeBudget:
         return end != self.max_steps
 
     def next_check(self, step: int, end: int, log_every: int) -> int:
-        """The step of the next decision after one at `step`: the next log step, or, once a budget's end
-        is nearer than that, half-way to it, so that a change of pace in the last interval (another job
-        on the machine) is caught: log2(log_every) extra decisions per run."""
+        """The step of the next decision after one at `step`: the next log step or, where it comes first,
+        the step half-way to a budget's end, so that a change of pace in the last steps (another job on
+        the machine) is caught: about log2(log_every) extra decisions per run."""
         nxt = (step // log_every + 1) * log_every
-        if self.timed_out(end) and end - step <= log_every:
+        if self.timed_out(end):
             nxt = min(nxt, step + max(1, (end - step) // 2))
         return min(nxt, end)
