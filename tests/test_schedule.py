@@ -202,3 +202,13 @@ def test_two_minute_budget(tmp_path, micro_batch_size):
           f"final lr {s['final_lr']}")
     assert 1.96 * 60 <= s["train_seconds"] <= 2.04 * 60, s
     assert s["final_lr"] == 1e-4
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_last_step(tmp_path):
+    """2 ranks (torchrun, gloo): rank 0's clock decides the end; a rank stepping on alone would hang the
+    run in its next collective (the launcher's timeout fails the test), and both ranks' memory is logged."""
+    pretrain(tmp_path / "two", *TIMED, "train.max_minutes=0.2", "train.micro_batch_size=4", nproc=2, timeout=300)
+    s = _summary(tmp_path / "two")
+    assert s["world_size"] == 2 and 0.98 * 12 <= s["train_seconds"] <= 1.02 * 12 and s["final_lr"] == 1e-4, s
+    assert all(len(m["peak_mem_mb_per_rank"]) == 2 for m in metrics(tmp_path / "two") if "loss" in m)
