@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from zerokit.errors import UsageError, read_settings_text
+from zerokit.schedule import SCHEDULES
 
 log = logging.getLogger("zerokit")
 
@@ -274,6 +275,9 @@ RULES = {
     "train.checkpoint_every_minutes": _num(0), "train.keep_checkpoints": _int(0),
     "train.peak_tflops": _num(0, lo_open=True, null=True), "train.cpu_threads": _threads(),
     "train.dist_timeout_s": _num(0, lo_open=True), "train.nonfinite": _choice("stop", "skip"),
+    "train.schedule": _choice(*SCHEDULES),
+    "train.decay_fraction": _num(0, 1, lo_open=True, hi_open=False),
+    "train.max_minutes": _num(0),
     "data.vocab_size": _int(258), "data.block_size": _int(1), "data.val_fraction": _num(0, 1, lo_open=True),
     "data.eval_batches": _int(0), "data.max_length": _int(1), "data.max_target_length": _int(1),
     "data.num_labels": _int(2), "data.eval_batch_size": _int(1),

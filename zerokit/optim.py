@@ -1,4 +1,4 @@
-"""The optimizers behind `optim.name`, and the learning-rate schedule.
+"""The optimizers behind `optim.name` (the learning-rate schedule is zerokit/schedule.py).
 
     adamw      torch AdamW (DeepSpeedCPUAdam when DeepSpeed offloads the optimizer)
     lion       `Lion` below: torch ops only, so it steps whole tensors, ZeRO's flat partitions and
@@ -11,8 +11,6 @@
 Which engine allows which is `check_engine`, the one place that says so.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -188,16 +186,6 @@ def build_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], e
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None, foreach=None if on_cuda else True)
-
-
-def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
-    """Linear warm-up to `lr`, then cosine decay to the floor `min_lr` at `max_steps`."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
