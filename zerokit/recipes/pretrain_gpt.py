@@ -14,6 +14,7 @@ from zerokit.backends import make_backend
 from zerokit.config import save_config
 from zerokit.data.packed import BlockLoader
 from zerokit.dist import init_distributed
+from zerokit.errors import UsageError
 from zerokit.loop import train
 from zerokit.models import build_causal_lm
 from zerokit.pretraining import PretrainTask, prepare_data, sample_text
@@ -23,6 +24,9 @@ log = logging.getLogger("zerokit")
 
 
 def main(cfg):
+    if cfg.train.max_steps == 0 and not cfg.train.max_minutes:  # fine-tuning's max_steps=0 is a baseline evaluation; here nothing
+        raise UsageError("train.max_steps=0 with train.max_minutes=0 trains nothing; set train.max_steps=N or a "
+                         "time budget train.max_minutes=M")
     info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads)
     run_dir = Path(cfg.run_dir)
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "zerokit"
