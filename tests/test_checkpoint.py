@@ -127,7 +127,8 @@ def test_damaged_newest_falls_back_to_the_older_and_keeps_it(finished, cache, lo
 
 
 @pytest.mark.parametrize("override,key", [("data.block_size=64", "data.block_size=32"),
-                                          ("model.preset=gpt-demo", "model.preset=gpt-tiny")])
+                                          ("model.preset=gpt-demo", "model.preset=gpt-tiny"),
+                                          ("optim.name=lion", "optim.name=adamw")])
 def test_shape_key_differs_exit_2_one_line(finished, cache, tmp_path, capsys, override, key):
     run_dir = copy(finished, tmp_path)
     before = tree(run_dir / "checkpoints")

@@ -1,5 +1,7 @@
 """Generation: batched left padding vs. a hand-written greedy loop, sampling seeds, the CLI on
-exported models and LoRA adapters, and synced generation / sharded evaluation under ZeRO-3."""
+exported models and LoRA adapters, `--benchmark` (every KV-cache mode and continuous batching against an
+uncached greedy loop; its counts and schema), and synced generation / sharded evaluation under ZeRO-3."""
+import csv
 import json
 import os
 import socket
@@ -10,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForSequenceClassification,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from zerokit.errors import UsageError
 from zerokit.generate import generate_main, generate_text
+from zerokit.generate_bench import MODES, run_generate, run_paged
 
 PROMPTS = ["#Person1#: Hello, how are you doing today?\n#Person2#:", "Summary:", "#Person2# has trouble breathing. The doctor"]
 
@@ -130,6 +133,74 @@ def test_module_entry_point_reports_usage_error(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model folder not found") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- --benchmark
+
+@pytest.fixture
+def one_thread():
+    # Tiny models: on a CPU shared with other jobs, two OpenMP threads spinning on busy cores ran 10-30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _greedy_ids(model, ids, n):
+    """Independent greedy decoding on token ids: one prompt, no padding, no KV cache, n argmax steps (eos ignored)."""
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, -n:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_cache_mode_and_continuous_batching_match_an_uncached_greedy_loop(saved, arch, one_thread):
+    model, tok = _load(saved[arch])
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]  # three lengths: left padding / a ragged paged batch
+    want = [_greedy_ids(model, p, 8) for p in prompts]
+    for mode in ("dynamic", "static", "none"):
+        row, got = run_generate(model, prompts, 8, mode, tok.pad_token_id)
+        assert got == want, mode
+        assert row["generated_tokens"] == 24 and row["decode_tokens"] == 21
+    row, got = run_paged(model, prompts, 8, tok.pad_token_id)
+    assert got == want
+    assert row["generated_tokens"] == 24 and row["prompt_tokens"] == sum(map(len, prompts))
+
+
+def test_benchmark_cli_writes_its_table_json_and_csv(saved, tmp_path, capsys, one_thread):
+    out = tmp_path / "bench"  # --threads sets the process's threads: one_thread restores them afterwards
+    assert generate_main(["--model", str(saved["llama"]), "--benchmark", "--batch_sizes", "1,3", "--max_new_tokens", "6",
+                          "--prompt_tokens", "10", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "benchmark.json").read_text())
+    rows = data["rows"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for b in (1, 3) for m in MODES]
+    with open(out / "benchmark.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["mode"], int(r["batch"])) for r in table] == [(r["mode"], r["batch"]) for r in rows]
+    assert sum(line.startswith("| ") for line in printed.splitlines()) == 1 + len(rows)  # header + one line each
+    assert data["setup"]["threads"] == 1 and len(data["setup"]["load_average"]) == 3
+    cfg = AutoConfig.from_pretrained(saved["llama"])  # 2 layers, 2 K/V heads of 32 / 4 = 8 dims, fp32
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    for r in rows:
+        b = r["batch"]
+        assert (r["prompt_tokens"], r["generated_tokens"], r["decode_tokens"]) == (10 * b, 6 * b, 5 * b)
+        assert r["same_as_dynamic"] is True
+        assert r["prefill_s"] > 0 and r["decode_s"] > 0 and r["total_s"] >= r["prefill_s"] + r["decode_s"]
+        assert r["decode_tok_s"] == pytest.approx(r["decode_tokens"] / r["decode_s"])
+        assert r["prefill_tok_s"] == pytest.approx(r["prompt_tokens"] / r["prefill_s"])
+    kv = {(r["mode"], r["batch"]): r["kv_cache_bytes"] for r in rows}
+    for b in (1, 3):  # the cache holds every token but the last one generated (never fed back)
+        assert kv[("dynamic", b)] == b * (10 + 6 - 1) * per_token
+        assert kv[("static", b)] >= kv[("dynamic", b)] and kv[("none", b)] == 0 and kv[("paged", b)] is None
+    with pytest.raises(UsageError, match="greedily"):
+        generate_main(["--model", str(saved["llama"]), "--benchmark", "--strategy", "sample"])
+    with pytest.raises(UsageError, match="--benchmark"):
+        generate_main(["--model", str(saved["llama"])])
+    with pytest.raises(UsageError, match="--modes"):
+        generate_main(["--model", str(saved["llama"]), "--benchmark", "--modes", "dynamic,turbo", "--out", str(out)])
 
 
 # ----------------------------------------------------------------------------- ZeRO-3, 2 ranks

@@ -47,6 +47,8 @@ def case(id, target, args, expect, files=None, subprocess=False):
 CASES = [
     # values of the wrong type, sign or range
     case("pretrain-max-steps-negative", "pretrain", ["train.max_steps=-5"], ["train.max_steps=-5", "set e.g. train.max_steps="]),
+    case("pretrain-no-steps-no-budget", "pretrain", ["train.max_steps=0", "train.max_minutes=0"],
+         ["trains nothing", "train.max_minutes=M"]),
     case("pretrain-micro-batch-zero", "pretrain", ["train.micro_batch_size=0"], ["train.micro_batch_size=0", "integer >= 1"]),
     case("pretrain-grad-accum-text", "pretrain", ["train.grad_accum=lots"], ["train.grad_accum", "expects an int", "set e.g. train.grad_accum=1"]),
     case("pretrain-block-size-zero", "pretrain", ["data.block_size=0"], ["data.block_size=0", "set e.g. data.block_size="]),

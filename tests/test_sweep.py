@@ -128,7 +128,7 @@ def test_point_state_reads_the_saved_config_and_summary(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ a real sweep
-TINY = ["model.preset=gpt-tiny", "data.block_size=32", "data.vocab_size=512", "train.max_steps=4", "train.warmup_steps=1",
+TINY = ["train.max_minutes=0", "model.preset=gpt-tiny", "data.block_size=32", "data.vocab_size=512", "train.max_steps=4", "train.warmup_steps=1",
         "train.log_every=1", "train.eval_every=2", "data.eval_batches=2", "train.checkpoint_every=2",
         "sample.max_new_tokens=4"]
 
@@ -174,7 +174,7 @@ def test_a_real_sweep_writes_its_results(tiny_sweep):
     best = min(rows, key=lambda r: float(r["val_loss"]))
     report = (out / "report.md").read_text()
     assert f"**{best['name']}**: validation loss" in report
-    assert "python -m zerokit train pretrain_gpt model.preset=gpt-tiny" in report
+    assert "python -m zerokit train pretrain_gpt train.max_minutes=0 model.preset=gpt-tiny" in report
     assert f"train.lr={best['train.lr']} train.cpu_threads={HALF} run_dir={out / 'points' / best['name']}" in report
     assert torch.isfinite(torch.tensor([float(r["val_loss"]) for r in rows])).all()
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from zerokit.errors import UsageError, read_settings_text
+from zerokit.schedule import SCHEDULES
 
 log = logging.getLogger("zerokit")
 
@@ -274,16 +275,23 @@ RULES = {
     "train.checkpoint_every_minutes": _num(0), "train.keep_checkpoints": _int(0),
     "train.peak_tflops": _num(0, lo_open=True, null=True), "train.cpu_threads": _threads(),
     "train.dist_timeout_s": _num(0, lo_open=True), "train.nonfinite": _choice("stop", "skip"),
+    "train.schedule": _choice(*SCHEDULES),
+    "train.decay_fraction": _num(0, 1, lo_open=True, hi_open=False),
+    "train.max_minutes": _num(0),
     "data.vocab_size": _int(258), "data.block_size": _int(1), "data.val_fraction": _num(0, 1, lo_open=True),
     "data.eval_batches": _int(0), "data.max_length": _int(1), "data.max_target_length": _int(1),
     "data.num_labels": _int(2), "data.eval_batch_size": _int(1),
     "eval.strategy": _choice("greedy", "beam"), "eval.num_beams": _int(1), "eval.max_new_tokens": _int(1),
     "eval.batch_size": _int(1), "eval.max_samples": _int(1, null=True),
     "model.preset": _presets(), "model.dropout": _num(0, 1, null=True),
+    "model.attn": _choice("eager", "sdpa", "flash"),
+    "model.sdpa_backend": _choice("auto", "math", "efficient", "flash", "cudnn"),
+    "model.kv_heads": _int(1, null=True),
     "lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1),
     "fsdp": _choice("none", "full_shard", "shard_grad_op"), "peft": _choice("none", "lora", "qlora"),
     "report_to": _comma_subset("none", "tensorboard", "wandb"), "prometheus_port": _int(0, 65535),
     "sample.max_new_tokens": _int(0), "sample.temperature": _num(0, lo_open=True), "sample.top_k": _int(0),
+    "optim.name": _choice("adamw", "lion", "adamw8bit", "lion8bit", "muon"), "optim.muon_lr": _num(0, lo_open=True),
 }
 
 
@@ -332,6 +340,13 @@ def validate(cfg: Config, defaults: Config | None = None) -> None:
         raise UsageError(f"resume={resume}: not a checkpoint directory (no trainer_state.json); pass a "
                          f"<run_dir>/checkpoints/step_N folder, resume=auto or resume=none")
     _check_pretrained(cfg, defaults)
+    if lookup(cfg, "model.attn") is not MISSING:  # flash without a GPU, a CUDA-only sdpa kernel on a CPU
+        from zerokit.attention import attn_implementation
+        backend = cfg.model.get("sdpa_backend", "auto")
+        attn_implementation(cfg.model.attn, backend)
+        if backend != "auto" and lookup(cfg, "train.compile") is True:  # dynamo cannot trace the pinning hooks
+            raise UsageError(f"model.sdpa_backend={backend} cannot be combined with train.compile=true (torch.compile "
+                             "does not trace the hooks that pin the kernel); set model.sdpa_backend=auto or train.compile=false")
 
 
 def _check_ds_config(ds: dict, train) -> None:

@@ -79,11 +79,15 @@ def build_model(cfg, path: str, kind: str, tokenizer, num_labels: int = 2):
     """The base (4-bit for QLoRA) wrapped for `cfg.peft`, with gradient checkpointing if asked.
     Seeded: the new weights (LoRA A, a classification head) must be equal on every rank, since
     FSDP2 shards each rank's own copy."""
+    from zerokit.attention import attn_implementation, pin_sdpa_backend
     from zerokit.peft_setup import apply_peft, load_base_model
     check_peft(cfg)
     torch.manual_seed(cfg.train.seed)
+    attn, sdpa_backend = cfg.model.get("attn", "sdpa"), cfg.model.get("sdpa_backend", "auto")
     model = load_base_model(path, kind, quantize_4bit=cfg.peft == "qlora", num_labels=num_labels,
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id,  # sdpa: transformers' default (eager where a model lacks it)
+                            attn_implementation=None if attn == "sdpa" else attn_implementation(attn, sdpa_backend))
+    pin_sdpa_backend(model, sdpa_backend)
     dropout = cfg.model.get("dropout")
     if dropout is not None:  # before LoRA: lora.dropout keeps its own value
         set_dropout(model, _number("model.dropout", dropout))
@@ -246,7 +250,8 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     model = build_model(cfg, path, kind, tokenizer, num_labels)
     # Pre-trained bases carry parts a task never uses (an encoder-decoder's encoder pooler), which DDP
     # refuses unless told; HF Trainer's default too. The cost is one autograd-graph walk per step.
-    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True)
+    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, find_unused_parameters=True,
+                           optim=cfg.optim)
 
     # What `zerokit export` needs besides the weights: the model config, tokenizer, task kind, base, LoRA layout.
     base = str(Path(path).resolve()) if Path(path).exists() else path  # export may run from another folder

@@ -121,10 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerokit generate", description="Generate text from an exported model (and LoRA adapter).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  zerokit generate --model exported/gpt --prompt 'ROMEO:' --strategy sample "
-                                       "--temperature 0.8 --max_new_tokens 100")
+                                       "--temperature 0.8 --max_new_tokens 100\n"
+                                       "  zerokit generate --model exported/gpt --benchmark --batch_sizes 1,4,16 --out runs/genbench")
     p.add_argument("--model", required=True, help="exported Hugging Face model folder (or hub name)")
     p.add_argument("--adapter", help="LoRA adapter folder saved by zerokit (peft save_pretrained)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several prompts")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts (--benchmark: optional)")
     p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=50)
@@ -135,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt instead of plain text")
+    b = p.add_argument_group("--benchmark: prefill/decode tokens/s per KV-cache mode and batch size (greedy, eos ignored)")
+    b.add_argument("--benchmark", action="store_true", help="measure instead of printing completions (zerokit/generate_bench.py)")
+    b.add_argument("--batch_sizes", default="1,2,4,8", help="comma list of batch sizes")
+    b.add_argument("--modes", default="dynamic,static,none,paged",
+                   help="KV cache: dynamic, static (preallocated), none (recompute), paged (continuous batching)")
+    b.add_argument("--prompt_tokens", type=int, default=32, help="random prompt length when no --prompt is given")
+    b.add_argument("--out", default="runs/generate_benchmark", help="folder for benchmark.json and benchmark.csv")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     return p
 
 
@@ -176,7 +185,14 @@ def _has_tokenizer(folder: Path) -> bool:
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """`zerokit generate ...`; raises UsageError for user mistakes (the CLI prints it, exit 2)."""
     args = _parser().parse_args(argv)
+    if not args.prompt and not args.benchmark:
+        raise UsageError("give a prompt: --prompt TEXT (repeat it for several), or measure speed with --benchmark")
+    if args.benchmark and args.strategy != "greedy":
+        raise UsageError("--benchmark decodes greedily (every cache mode must give the same tokens); drop --strategy")
     model, tokenizer = load_for_generation(args.model, args.adapter, args.device)
+    if args.benchmark:
+        from zerokit.generate_bench import benchmark_main
+        return benchmark_main(args, model, tokenizer)
     outs = generate_text(model, tokenizer, args.prompt, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
                          seed=args.seed, batch_size=args.batch_size, synced_gpus=False)

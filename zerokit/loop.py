@@ -7,6 +7,7 @@ schedule, logging, evaluation, checkpoints and preemption. The backend hides the
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -22,7 +23,7 @@ from zerokit.manifest import identity as checkpoint_identity
 from zerokit.metrics import (MetricsLogger, json_line, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar,
                              system_stats)
 from zerokit.nonfinite import NonFiniteGuard, NonFiniteStep
-from zerokit.optim import lr_at
+from zerokit.schedule import NO_LIMIT, TimeBudget, lr_at
 
 log = logging.getLogger("zerokit")
 
@@ -85,20 +86,21 @@ def train_step(backend, task, window: list[dict], info: DistInfo, lr: float, gua
 
 
 def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_extras=None) -> dict:
-    """Train to `cfg.train.max_steps`; returns the summary (also written to <run_dir>/summary.json), or
+    """Train to `cfg.train.max_steps`, or for `train.max_minutes` of training time (then max_steps, if not 0,
+    is an upper bound); returns the summary (also written to <run_dir>/summary.json), or
     {"preempted": True, ...} after a stop request, or {"nothing_to_do": True, ...} when the checkpoint
-    resumed from is already at max_steps (then nothing is trained or written)."""
+    resumed from is already at max_steps or has spent the time budget (then nothing is trained or written)."""
     t = cfg.train
     run_dir = Path(cfg.run_dir)
     step, tokens_seen, train_seconds = 0, 0, 0.0
     identity = checkpoint_identity(cfg, backend)
     resume_from = resolve_resume(cfg.resume, run_dir, info, identity)
-    done = step_of(resume_from) if resume_from else 0
-    if done >= t.max_steps and resume_from:  # a finished run started again: leave it as it is
+    budget_s = 60.0 * (t.get("max_minutes") or 0)
+    finished = resume_from and finished_run(resume_from, t.max_steps, budget_s)
+    if finished:  # a finished run started again: leave it as it is
         if info.is_main:
-            print(f"nothing to do: {run_dir} is at step {done} {'=' if done == t.max_steps else '>'} "
-                  f"train.max_steps={t.max_steps}; raise train.max_steps or pass resume=none", flush=True)
-        return {"nothing_to_do": True, "step": done}
+            print(f"nothing to do: {run_dir} {finished}", flush=True)
+        return {"nothing_to_do": True, "step": step_of(resume_from)}
     if info.is_main:  # only now: a run with nothing to do leaves run_dir as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -117,6 +119,8 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
 
     def checkpoint(at_step: int) -> Path:
         state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds, "loader": loader.state_dict()}
+        if budget is not None and at_step == end_step and budget.timed_out(end_step):  # a resume has nothing to do
+            state["time_budget_spent_s"] = budget_s
         try:
             return save_checkpoint(run_dir, at_step, backend, state, info, keep=t.keep_checkpoints,
                                    write_extras=write_extras, identity=identity)
@@ -131,7 +135,14 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
         backend.module.train()
         return metrics
 
-    bar = progress_bar(t.max_steps, step, info.is_main)
+    # The last step: max_steps, or with a time budget as rank 0 predicts it at each log step (ranks agree
+    # on it through the log step's gather, so no step needs a sync of its own).
+    budget = TimeBudget(budget_s, t.max_steps, window=t.log_every) if budget_s else None
+    end_step = t.max_steps if budget is None else budget.end
+    schedule = {"lr": t.lr, "warmup_steps": t.warmup_steps, "min_lr": t.min_lr,
+                "schedule": t.get("schedule", "cosine"), "decay_fraction": t.get("decay_fraction", 0.2)}
+    bar = progress_bar(end_step if end_step < NO_LIMIT else None, step, info.is_main)
+    decision = None  # a timed run's extra decision step near its end (TimeBudget.next_check)
     last_ckpt_time = time.time()
     # [loss sum, input tokens] of this rank since the last log, and the global target count.
     interval = torch.zeros(2, dtype=torch.float64, device=info.device)
@@ -141,10 +152,13 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     preempted = False
     backend.module.train()
     guard = NonFiniteGuard(t.nonfinite, info.is_main)
-    while step < t.max_steps:
+    while step < end_step:
         data_position = loader.state_dict()
         window = loader.next_window()
-        lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr=t.min_lr)
+        # The horizon (where the schedule reaches its floor): max_steps, as always; where a time budget ends
+        # the run first, the predicted last step itself, so the run ends at the floor.
+        lr = lr_at(step, max_steps=end_step - 1 if budget is not None and budget.timed_out(end_step) else end_step,
+                   **schedule)
         try:
             loss_sum, window_targets, grad_norm = train_step(backend, task, window, info, lr, guard)
         except NonFiniteStep as bad:  # nothing of this step was applied: save the state before it, then stop
@@ -159,16 +173,22 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
         interval_targets += window_targets  # device tensors: read only at log steps (no sync per step)
         bar.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            # The one host sync of the interval: losses, memory, and the stop/checkpoint decisions.
+        if step % t.log_every == 0 or step == end_step or step == decision:
+            # The one host sync of the interval: losses, memory, and the stop/checkpoint/end decisions.
             loss_sum, n_inputs = all_reduce_sum(interval.clone()).tolist()
             interval_time = time.perf_counter() - interval_start - paused
             interval_start, paused = time.perf_counter(), 0.0
             ckpt_due = t.checkpoint_every_minutes > 0 and time.time() - last_ckpt_time > 60 * t.checkpoint_every_minutes
-            ranks = all_gather_objects({"peak_mem_mb": peak_memory_mb(info.device), "stop": stop.requested,
-                                        "ckpt_due": ckpt_due})
             tokens_seen += int(n_inputs)
             train_seconds += interval_time
+            # The committed last step is not re-estimated: its lr was already the floor.
+            predicted = end_step if budget is None or step == end_step else budget.update(step, train_seconds)
+            ranks = all_gather_objects({"peak_mem_mb": peak_memory_mb(info.device), "stop": stop.requested,
+                                        "ckpt_due": ckpt_due, "end_step": predicted})
+            end_step = ranks[0]["end_step"]  # rank 0's clock decides for everyone, as for checkpoints
+            if budget is not None:
+                decision = budget.next_check(step, end_step, t.log_every)  # from agreed values: all ranks agree
+                bar.total = end_step if end_step < NO_LIMIT else None
             tok_s = n_inputs / interval_time
             targets = float(interval_targets)  # 0 when every step of the interval was skipped (NaN is logged as null)
             record = {"step": step, "loss": loss_sum / targets if targets else float("nan"), "lr": backend_lr(backend),
@@ -187,12 +207,12 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
         else:
             time_for_checkpoint = False
         t0 = time.perf_counter()
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+        if t.eval_every and step % t.eval_every == 0 and step < end_step:
             eval_metrics = evaluate()
             logger.log({"step": step, **eval_metrics})
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         # With checkpoints on, the last step is always saved too: a finished run loses nothing and is not redone.
-        last = step == t.max_steps and (t.checkpoint_every > 0 or t.checkpoint_every_minutes > 0)
+        last = step == end_step and (t.checkpoint_every > 0 or t.checkpoint_every_minutes > 0)
         if preempted or time_for_checkpoint or last or (t.checkpoint_every and step % t.checkpoint_every == 0):
             checkpoint(step)
             last_ckpt_time = time.time()
@@ -213,7 +233,8 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     peak_mb = max(all_gather_objects(peak_memory_mb(info.device)))
     summary = {**eval_metrics, "step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
                "tokens_per_s": tokens_seen / train_seconds if train_seconds else None, "peak_mem_mb": peak_mb,
-               "world_size": info.world_size, "backend": backend.name, **guard.counts()}
+               "world_size": info.world_size, "backend": backend.name, "final_lr": backend_lr(backend),
+               **guard.counts()}
     if peak and flops_per_tok and summary["tokens_per_s"]:
         summary["mfu"] = flops_per_tok * summary["tokens_per_s"] / (peak * info.world_size)
     if info.is_main:
@@ -225,3 +246,16 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
 
 def backend_lr(backend) -> float:
     return backend.optimizer.param_groups[0]["lr"]
+
+
+def finished_run(ckpt: Path, max_steps: int, budget_s: float) -> str | None:
+    """Why the run whose checkpoint this is has nothing left to do (None: it has)."""
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    done = state["step"]
+    if (max_steps or not budget_s) and done >= max_steps:
+        return (f"is at step {done} {'=' if done == max_steps else '>'} train.max_steps={max_steps}; "
+                f"raise train.max_steps or pass resume=none")
+    if budget_s and state.get("time_budget_spent_s") == budget_s:
+        return (f"has spent its time budget train.max_minutes={budget_s / 60:g} ({state['train_seconds']:.1f} s of "
+                f"training at step {done}); raise train.max_minutes or pass resume=none")
+    return None

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
+from zerokit.attention import attn_implementation, pin_sdpa_backend
 from zerokit.errors import UsageError
 
 # gelu_pytorch_tanh is GPT-2's tanh-approximated GELU as one fused kernel; HF's "gelu_new" computes the
@@ -77,8 +78,9 @@ def preset_choices() -> str:
 
 
 def model_config(preset_or_path: str, vocab_size: int | None = None, block_size: int | None = None,
-                 dropout: float | None = None, eos_token_id: int | None = None) -> PretrainedConfig:
-    """The HF config of a preset or alias (with run-specific vocab/context/dropout) or of a path/hub name."""
+                 dropout: float | None = None, eos_token_id: int | None = None,
+                 kv_heads: int | None = None) -> PretrainedConfig:
+    """The HF config of a preset or alias (with run-specific vocab/context/dropout/kv_heads) or of a path/hub name."""
     preset = preset_name(preset_or_path)
     if preset is None:
         try:
@@ -88,6 +90,8 @@ def model_config(preset_or_path: str, vocab_size: int | None = None, block_size:
                              f"loadable as a local path or hub name ({type(e).__name__})") from None
     cls, shape = PRESETS[preset]
     shape = dict(shape, vocab_size=vocab_size or shape["vocab_size"])
+    if kv_heads is not None:
+        shape = _with_kv_heads(preset, cls, shape, kv_heads)
     if vocab_size or eos_token_id is not None:
         # Special ids come from the run's tokenizer; GPT-2's 50256 means nothing in a trained vocabulary.
         shape.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None)
@@ -100,6 +104,25 @@ def model_config(preset_or_path: str, vocab_size: int | None = None, block_size:
     if dropout is not None:
         set_config_dropout(cfg, dropout)
     return cfg
+
+
+def _with_kv_heads(preset: str, cls: type[PretrainedConfig], shape: dict, kv_heads: int) -> dict:
+    """model.kv_heads: key/value heads shared by groups of query heads (MQA 1 < GQA < MHA = the head count).
+    Llama configs take it as num_key_value_heads. transformers' GPT-2 has one K/V head per query head, so a
+    GPT-2 preset takes only that (MHA); anything else is an error rather than a silent switch to another
+    architecture (rotary positions, RMSNorm, SwiGLU), as Megatron's num-query-groups changes only attention."""
+    heads = shape.get("num_attention_heads", shape.get("n_head"))
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        fits = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+        raise UsageError(f"model.kv_heads={kv_heads} must divide the {heads} attention heads of {preset}; choose one of {fits}")
+    if cls is LlamaConfig:
+        return dict(shape, num_key_value_heads=kv_heads)
+    if kv_heads == heads:
+        return shape
+    llamas = ", ".join(name for name, (c, _) in PRESETS.items() if c is LlamaConfig)
+    raise UsageError(f"model.kv_heads={kv_heads} needs a Llama-shape preset ({llamas}): transformers' GPT-2 has one "
+                     f"key/value head per query head ({heads} in {preset}); set model.preset=llama-tiny (or another "
+                     f"llama-*), or model.kv_heads=null")
 
 
 def set_config_dropout(cfg: PretrainedConfig, p: float) -> list[str]:
@@ -116,7 +139,7 @@ def context_length(cfg: PretrainedConfig) -> int | None:
 
 
 def load_pretrained_causal_lm(name_or_path: str, vocab_size: int | None, block_size: int | None,
-                              dropout: float | None) -> torch.nn.Module:
+                              dropout: float | None, attn: str = "sdpa") -> torch.nn.Module:
     """A pretrained causal LM for continued pre-training, held to the run's settings: its dropout set to
     `dropout`, an error if the run's context (`block_size`) or vocabulary (`vocab_size`, the tokenizer's
     length) does not fit the weights."""
@@ -133,22 +156,29 @@ def load_pretrained_causal_lm(name_or_path: str, vocab_size: int | None, block_s
                          f"use the model's own tokenizer (data.tokenizer={name_or_path})")
     if dropout is not None:
         set_config_dropout(cfg, dropout)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, config=cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, config=cfg, attn_implementation=attn, dtype=torch.float32)
 
 
 def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: int | None, block_size: int | None,
                     dropout: float | None = None, grad_ckpt: bool = False, seed: int = 0,
-                    eos_token_id: int | None = None) -> torch.nn.Module:
-    """Random-init a preset (deterministic under `seed`) or load pretrained weights."""
+                    eos_token_id: int | None = None, attn: str = "sdpa", sdpa_backend: str = "auto",
+                    kv_heads: int | None = None) -> torch.nn.Module:
+    """Random-init a preset (deterministic under `seed`) or load pretrained weights; `attn`, `sdpa_backend`
+    and `kv_heads` are model.attn, model.sdpa_backend and model.kv_heads."""
+    implementation = attn_implementation(attn, sdpa_backend)
     if name_or_path:
-        model = load_pretrained_causal_lm(name_or_path, vocab_size, block_size, dropout)
+        if kv_heads is not None:
+            raise UsageError(f"model.kv_heads={kv_heads} shapes a preset; the key/value heads of {name_or_path} are fixed by "
+                             "its weights: set model.kv_heads=null")
+        model = load_pretrained_causal_lm(name_or_path, vocab_size, block_size, dropout, implementation)
     else:
         if preset_name(preset) is None:
             raise UsageError(f"unknown model.preset '{preset}'; choose one of the {preset_choices()}, "
                              f"or set model.name_or_path")
-        cfg = model_config(preset_name(preset), vocab_size, block_size, dropout, eos_token_id)
+        cfg = model_config(preset_name(preset), vocab_size, block_size, dropout, eos_token_id, kv_heads)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=implementation, dtype=torch.float32)
+    pin_sdpa_backend(model, sdpa_backend)
     if grad_ckpt:
         enable_grad_ckpt(model)
     return model

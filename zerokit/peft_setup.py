@@ -45,17 +45,21 @@ def _auto_class(kind: str):
 
 
 def load_base_model(name_or_path: str | os.PathLike, kind: str = "causal_lm", quantize_4bit: bool = False,
-                    num_labels: int = 2, dtype: torch.dtype | None = None, pad_token_id: int | None = None):
+                    num_labels: int = 2, dtype: torch.dtype | None = None, pad_token_id: int | None = None,
+                    attn_implementation: str | None = None):
     """Load a pretrained model of `kind` (causal_lm | seq_cls | seq2seq).
 
     quantize_4bit=True gives the QLoRA base: weights in NF4 with double quantisation placed on this
     process's GPU (LOCAL_RANK) or the CPU. `pad_token_id` is copied into the config (decoder
-    classification heads need it to find each row's last token).
+    classification heads need it to find each row's last token). `attn_implementation`: transformers'
+    (None: its default, sdpa where the model has it).
     """
     from transformers import BitsAndBytesConfig
 
     cls = _auto_class(kind)
     kwargs: dict = {"num_labels": num_labels} if kind == "seq_cls" else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     on_gpu = torch.cuda.is_available()
     if quantize_4bit:
         compute = torch.bfloat16 if on_gpu else torch.float32

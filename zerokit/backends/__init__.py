@@ -26,11 +26,13 @@ from zerokit.backends.common import (accelerate_deepspeed_config, check_accelera
                                      deepspeed_config_path, env_true, resolve_precision)
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
+from zerokit.optim import check_engine
 
 
 def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str | None = None,
-                 fsdp: str = "none", fsdp_offload: bool = False, find_unused_parameters: bool = False):
-    """`find_unused_parameters`: DDP tolerates parameters the loss never reaches (ZeRO and FSDP always do)."""
+                 fsdp: str = "none", fsdp_offload: bool = False, find_unused_parameters: bool = False, optim=None):
+    """`find_unused_parameters`: DDP tolerates parameters the loss never reaches (ZeRO and FSDP always do).
+    `optim`: the run's optim section (zerokit.optim.build_optimizer); None is AdamW."""
     # A JSON (ds_config= or --deepspeed_config_file), else accelerate's --use_deepspeed/--zero_stage flags.
     ds = deepspeed_config_path(ds_config) or (accelerate_deepspeed_config() if not ds_config else None)
     if ds and fsdp != "none":
@@ -41,9 +43,10 @@ def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str |
                          "(or fsdp=shard_grad_op) in the run config")
     if ds:
         from zerokit.backends.deepspeed import DeepSpeedBackend
-        return DeepSpeedBackend(model, train, info, ds)
+        return DeepSpeedBackend(model, train, info, ds, optim)
+    check_engine((optim or {}).get("name", "adamw"), "fsdp" if fsdp != "none" else "plain")
     if fsdp != "none":
         from zerokit.backends.fsdp import FSDPBackend
-        return FSDPBackend(model, train, info, fsdp, fsdp_offload)
+        return FSDPBackend(model, train, info, fsdp, fsdp_offload, optim)
     from zerokit.backends.plain import PlainBackend
-    return PlainBackend(model, train, info, find_unused_parameters)
+    return PlainBackend(model, train, info, find_unused_parameters, optim)

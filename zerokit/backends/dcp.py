@@ -9,7 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from zerokit.optim import set_lr
+from zerokit.optim import set_lrs
 
 
 def save_dcp(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -28,7 +28,7 @@ class DCPState:
     """set_lr/save/load for the backends that own a torch optimizer (`self.module`, `self.optimizer`)."""
 
     def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
+        set_lrs(self.optimizer, lr)
 
     def save(self, path) -> None:
         save_dcp(path, self.module, self.optimizer)

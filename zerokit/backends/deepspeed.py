@@ -19,7 +19,7 @@ from zerokit.backends.common import check_accelerate_flags, resolve_precision
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError, read_settings_text
 from zerokit.locks import exclusive
-from zerokit.optim import build_adamw, set_lr
+from zerokit.optim import build_optimizer, check_engine, set_lrs
 
 log = logging.getLogger("zerokit")
 
@@ -155,8 +155,9 @@ def offloads_optimizer(ds: dict) -> bool:
 class DeepSpeedBackend:
     name = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds: str | dict):
-        """`ds`: a DeepSpeed JSON's path, or the config accelerate's flags describe (backends.accelerate_deepspeed_config)."""
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds: str | dict, optim=None):
+        """`ds`: a DeepSpeed JSON's path, or the config accelerate's flags describe (backends.accelerate_deepspeed_config).
+        `optim`: the run's optim section (zerokit.optim.build_optimizer)."""
         import deepspeed
         warn_stale_build_locks()
         self.info = info
@@ -168,10 +169,16 @@ class DeepSpeedBackend:
         check_accelerate_flags(ds, train)
         self.ds_config = resolve_ds_config(ds, train, info.world_size, hidden, self.precision)
         self.stage = self.ds_config["zero_optimization"].get("stage", 0)
+        name = (optim or {}).get("name", "adamw")
+        check_engine(name, "deepspeed", offload=offloads_optimizer(self.ds_config), stage=self.stage,
+                     json_optimizer="optimizer" in self.ds_config,
+                     reduce_scatter=self.ds_config["zero_optimization"].get("reduce_scatter", True))
         optimizer = None
         if "optimizer" not in self.ds_config:
-            optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay,
-                                    cpu_adam=offloads_optimizer(self.ds_config))
+            optimizer = build_optimizer(model, train, optim, engine="deepspeed",
+                                        cpu_adam=offloads_optimizer(self.ds_config))
+        if name != "adamw":  # ZeRO wraps only the optimizers it lists unless told; these are tested here (tests/test_optimizers.py)
+            self.ds_config["zero_allow_untested_optimizer"] = True
         params = [p for p in model.parameters() if p.requires_grad]
         # The fp32 tensors themselves (no copy): DeepSpeed replaces each `.data` with its 16-bit cast.
         fp32_weights = {id(p): p.data for p in params} if self.precision in ("bf16", "fp16") else {}
@@ -228,7 +235,7 @@ class DeepSpeedBackend:
         return True
 
     def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
+        set_lrs(self.optimizer, lr)
 
     def save(self, path) -> None:
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)

@@ -15,7 +15,7 @@ from zerokit.backends.loss_scaling import LossScaledDCP
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.models import block_classes
-from zerokit.optim import build_adamw
+from zerokit.optim import build_optimizer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,7 +26,7 @@ class FSDPBackend(LossScaledDCP):
     reduce-scattered and accumulated (`to_accumulated_grad_if_needed`, no-sync micro-batches) in fp32."""
     name = "fsdp"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, strategy: str, offload: bool):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, strategy: str, offload: bool, optim=None):
         if strategy not in ("full_shard", "shard_grad_op"):
             raise UsageError(f"fsdp must be none, full_shard or shard_grad_op, not '{strategy}'")
         self.info = info
@@ -48,7 +48,7 @@ class FSDPBackend(LossScaledDCP):
         self.model = self.module = model
         if train.get("compile"):
             self.model = torch.compile(model)
-        self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
+        self.optimizer = build_optimizer(model, train, optim, engine="fsdp")
         self.grad_clip = train.grad_clip
         # fp16: dynamic loss scaling whose inf check is all-reduced, so every rank skips the same steps.
         self.scaler = ShardedGradScaler(info.device.type, enabled=self.precision == "fp16")

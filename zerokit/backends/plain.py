@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from zerokit.backends.common import resolve_precision
 from zerokit.backends.loss_scaling import LossScaledDCP
 from zerokit.dist import DistInfo
-from zerokit.optim import build_adamw
+from zerokit.optim import build_optimizer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,7 +20,7 @@ class PlainBackend(LossScaledDCP):
     only inside autocast's matmuls."""
     name = "plain"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, find_unused_parameters: bool = False):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, find_unused_parameters: bool = False, optim=None):
         self.info = info
         self.precision = resolve_precision(train.precision, info.device)
         self.module = model.to(info.device)
@@ -28,7 +28,7 @@ class PlainBackend(LossScaledDCP):
                          find_unused_parameters=find_unused_parameters) if info.world_size > 1 else model
         if train.get("compile"):
             self.model = torch.compile(self.model)
-        self.optimizer = build_adamw(model, train.lr, tuple(train.betas), train.eps, train.weight_decay)
+        self.optimizer = build_optimizer(model, train, optim)
         self.grad_clip = train.grad_clip
         # fp16 needs dynamic loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from zerokit.backends.deepspeed import DEEPSPEED_DEFAULT_BUCKETS
 from zerokit.errors import UsageError
+from zerokit.optim import check_engine
 from zerokit.lab.build import default_seq, resolve_config
 from zerokit.lab.flags import (GiB, OFFLOADS, STAGES, add_gpus, add_micro_batch, add_model, add_offload, add_json,
-                               add_precision, add_seq, add_stage, check_offload, fmt_bytes, offload_parts, parser,
-                               run_cli)
+                               add_optim, add_precision, add_seq, add_stage, check_offload, fmt_bytes, offload_parts,
+                               parser, run_cli)
 from zerokit.lab.probe import saved_per_layer, segment_peaks
 from zerokit.lab.zero_formula import BYTES, model_states, model_stats, zero_config
 
@@ -82,8 +83,9 @@ def _check(name, value, allowed):
 def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "none", micro_batch: int = 1,
              seq: int = 1024, grad_ckpt: str = "none", precision: str = "bf16", peft: str = "none",
              attn: str = "sdpa", grad_accum: int = 1, gpus_per_node: int | None = None,
-             lora_r: int = 16, device: str = "cuda", zero: dict | None = None) -> Estimate:
-    """Per-rank memory of one DeepSpeed ZeRO training step (AdamW) on `world_size` data-parallel ranks.
+             lora_r: int = 16, device: str = "cuda", zero: dict | None = None, optim: str = "adamw") -> Estimate:
+    """Per-rank memory of one DeepSpeed ZeRO training step on `world_size` data-parallel ranks, with the
+    optimizer `optim` (optim.name; its step's temporaries are modelled as AdamW's).
 
     stage 0 is plain data parallel (what a single-process PyTorch loop does on one rank);
     offload "optimizer" puts fp32 master + Adam state on the CPU (stage >= 1), "params" the
@@ -97,6 +99,9 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     _check("precision", precision, tuple(BYTES)); _check("peft", peft, PEFTS); _check("attn", attn, ATTNS)
     _check("device", device, DEVICES)
     check_offload(stage, offload)
+    # reduce_scatter: off is how ZeRO-3 takes Muon, and it changes no memory item here
+    check_engine(optim, "deepspeed" if stage else "plain", offload=offload_parts(offload)[0], stage=stage,
+                 reduce_scatter=False)
     if peft == "qlora" and stage == 3:
         raise UsageError("--peft qlora with --stage 3 is not modelled: use --stage 0-2, or --peft lora")
     if min(world_size, micro_batch, seq, grad_accum) < 1:
@@ -109,8 +114,9 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     mixed = precision != "fp32"
     st = model_stats(config, peft, lora_r)
     zero = zero or zero_config(stage, offload, st)
-    ms = model_states(st, world_size=N, stage=stage, offload=offload, precision=precision, peft=peft, zero=zero)
-    weights, optim, master, grads_full = ms["weights"], ms["optimizer_state"], ms["master_weights"], ms["grads_full"]
+    ms = model_states(st, world_size=N, stage=stage, offload=offload, precision=precision, peft=peft, zero=zero,
+                      optim=optim)
+    weights, state, master, grads_full = ms["weights"], ms["optimizer_state"], ms["master_weights"], ms["grads_full"]
     on_gpu_optim = not offload_parts(offload)[0]
     opt_shard = N if stage >= 1 else 1
 
@@ -155,7 +161,7 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
                                    zero_buffers=buckets + step_temp)
     phase = max(candidates, key=lambda k: sum(candidates[k].values()))
     parts = {k: int(round(v)) for k, v in candidates[phase].items()}
-    parts.update(weights=int(round(weights)), optimizer_state=int(round(optim)), master_weights=int(round(master)))
+    parts.update(weights=int(round(weights)), optimizer_state=int(round(state)), master_weights=int(round(master)))
     live = sum(parts.values())
     overhead = int(CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * live) if device == "cuda" else 0
 
@@ -169,10 +175,12 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
         params=st.params, trainable_params=st.trainable, per_layer=per_layer,
         inputs=dict(world_size=N, stage=stage, offload=offload, micro_batch=micro_batch, seq=seq,
                     grad_ckpt=grad_ckpt, precision=precision, peft=peft, attn=attn, grad_accum=grad_accum,
-                    device=device, lora_r=lora_r),
+                    device=device, lora_r=lora_r, optim=optim),
         **parts)
 
 
+OPTIMIZER_STATE = {"adamw": "AdamW m+v fp32", "lion": "Lion m fp32", "adamw8bit": "AdamW m+v 8-bit + block absmax",
+                   "lion8bit": "Lion m 8-bit + block absmax", "muon": "Muon momentum fp32 + AdamW m+v on the rest"}
 PHASES = {"forward": "forward", "head": "start of backward (loss, lm_head)", "last": "backward of the last block",
            "first": "backward of the first block", "tail": "end of backward (embeddings)",
            "optimizer": "optimizer step"}
@@ -189,7 +197,7 @@ def describe(e: Estimate) -> dict:
                    + ("on CPU (offload params)" if off_params else shard(s == 3)),
         "gradients": f"{prec} grads of {e.trainable_params / 1e6:,.2f}M trainable params, "
                      + ("reduced to CPU" if s >= 2 and off_opt else shard(s >= 2)),
-        "optimizer_state": "AdamW m+v fp32, " + ("on CPU" if off_opt else shard(s >= 1)),
+        "optimizer_state": OPTIMIZER_STATE[i.get("optim", "adamw")] + ", " + ("on CPU" if off_opt else shard(s >= 1)),
         "master_weights": "none (fp32 weights, no ZeRO)" if prec == "fp32" and s == 0 else
                           "fp32 master, " + ("on CPU" if off_opt else shard(s >= 1)),
         "activations": f"saved for backward, {i['grad_ckpt']} checkpointing, {i['attn']}",
@@ -201,11 +209,21 @@ def describe(e: Estimate) -> dict:
     }
 
 
+def kv_cache_bytes_per_token(config, precision: str = "bf16") -> int:
+    """Generation's KV cache for one token of one sequence: 2 (K and V) x layers x kv_heads x head_dim x dtype
+    bytes. kv_heads is num_key_value_heads where the config has it (GQA, MQA), else the attention heads (MHA)."""
+    config = resolve_config(config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * BYTES[precision]
+
+
 def format_estimate(e: Estimate, name: str = "") -> str:
     i = e.inputs
     lines = [f"zerokit estimate{': ' + name if name else ''} | {i['world_size']} rank(s), ZeRO-{i['stage']}, "
              f"offload {i['offload']}, {i['precision']}, micro-batch {i['micro_batch']} x seq {i['seq']}, "
-             f"grad-accum {i['grad_accum']}, grad-ckpt {i['grad_ckpt']}, peft {i['peft']}, {i['attn']}, {i['device']}",
+             f"grad-accum {i['grad_accum']}, grad-ckpt {i['grad_ckpt']}, peft {i['peft']}, {i['attn']}, {i['device']}, {i.get('optim', 'adamw')}",
              f"params {e.params / 1e6:,.2f}M, trainable {e.trainable_params / 1e6:,.2f}M",
              f"per rank at the peak ({PHASES.get(e.peak_phase, e.peak_phase)}):"]
     why = describe(e)
@@ -240,17 +258,20 @@ def estimate_main(argv: list[str] | None = None) -> int:
     add_micro_batch(p)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--grad-ckpt", choices=CKPTS, default="none")
+    add_optim(p)
     p.add_argument("--device", choices=DEVICES, default="cuda", help="cpu: model torch's CPU kernels, no GPU overhead")
     add_json(p)
     a = p.parse_args(argv)
     config = resolve_config(a.model)
     e = estimate(config, world_size=a.gpus * a.nodes, stage=a.stage, offload=a.offload, micro_batch=a.micro_batch,
                  seq=default_seq(config, a.seq), grad_ckpt=a.grad_ckpt, precision=a.precision, peft=a.peft,
-                 attn=a.attn, grad_accum=a.grad_accum, gpus_per_node=a.gpus, lora_r=a.lora_r, device=a.device)
+                 attn=a.attn, grad_accum=a.grad_accum, gpus_per_node=a.gpus, lora_r=a.lora_r, device=a.device,
+                 optim=a.optim)
+    kv = kv_cache_bytes_per_token(config, a.precision)  # generation, not the training step: reported beside it
     if a.json:
-        print(json.dumps(dict(e.as_dict(), model=a.model, descriptions=describe(e)), indent=2))
+        print(json.dumps(dict(e.as_dict(), model=a.model, descriptions=describe(e), kv_cache_bytes_per_token=kv), indent=2))
     else:
-        print(format_estimate(e, a.model))
+        print(format_estimate(e, a.model) + f"\ngeneration KV cache ({a.precision}): {kv:,} bytes per token per sequence")
     return 0
 
 

@@ -5,6 +5,7 @@ spells the same thing the same way, with the same choices; sizes read and print 
     --gpus     ranks (GPUs) per node: on a machine without GPUs, CPU ranks
     --stage    ZeRO stage 0-3
     --offload  none | optimizer | params | all   (all = optimizer state and parameters)
+    --optim    adamw | lion | adamw8bit | lion8bit | muon   (a run's optim.name)
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def add_offload(p) -> None:
     p.add_argument("--offload", choices=OFFLOADS, default="none",
                    help="what ZeRO moves to the CPU: optimizer (fp32 master + Adam), params (the ZeRO-3 weight "
                         "partition), all (both)")
+
+
+def add_optim(p) -> None:
+    from zerokit.optim import OPTIMIZERS
+    p.add_argument("--optim", choices=OPTIMIZERS, default="adamw",
+                   help="the run's optim.name: whose optimizer state to count (default adamw)")
 
 
 def add_seq(p, default: int | None) -> None:

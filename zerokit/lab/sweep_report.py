@@ -23,13 +23,13 @@ def model_size(cfg: dict) -> tuple[int | None, float | None]:
     config; (None, None) for a model this cannot build (e.g. a recipe's classifier head)."""
     model, data = cfg.get("model", {}), cfg.get("data", {})
     key = (model.get("preset"), model.get("name_or_path"), data.get("tokenizer"), data.get("vocab_size"),
-           data.get("block_size") or data.get("max_length"))
+           data.get("block_size") or data.get("max_length"), model.get("kv_heads"))
     if key not in _SIZES:
         _SIZES[key] = _build_size(*key)
     return _SIZES[key]
 
 
-def _build_size(preset, name_or_path, tokenizer, vocab_size, seq):
+def _build_size(preset, name_or_path, tokenizer, vocab_size, seq, kv_heads):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -42,7 +42,7 @@ def _build_size(preset, name_or_path, tokenizer, vocab_size, seq):
             if tokenizer != "train":  # the run's vocabulary is its tokenizer's
                 from transformers import AutoTokenizer
                 vocab_size = len(AutoTokenizer.from_pretrained(tokenizer))
-            config = model_config(preset, vocab_size, seq)
+            config = model_config(preset, vocab_size, seq, kv_heads=kv_heads)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError):

@@ -11,7 +11,11 @@ Per rank, Ψ trainable parameters, N ranks, w bytes per weight (4 fp32, 2 bf16/f
                wΨ/N (stage 3: each tensor split evenly)
     master     4Ψ/N from stage 1 (the ZeRO optimizer keeps its own fp32 partition even for fp32
                models); stage 0: 4Ψ only for bf16/fp16 weights
-    moments    8Ψ, 8Ψ/N from stage 1
+    moments    the optimizer's state (`optimizer_state_bytes`), of each whole tensor, or from stage 1 of
+               each rank's flat partition of each param group (≈ /N): AdamW 8 (m, v fp32), Lion 4 (m),
+               Muon 4 (momentum) on the blocks' matrices + AdamW's 8 on the rest; bitsandbytes' 8-bit
+               states are 1 byte per moment + one fp32 absmax per 256-element block, but fp32 for a
+               tensor (or partition) under 4096 elements: AdamW8bit 2 + 8/256, Lion8bit 1 + 4/256
 Offload (--offload optimizer / all) moves master and moments to the host, with the gradient
 partition and an fp32 gradient copy 4Ψ/N; parameters (--offload params / all) move the ZeRO-3
 weight partition. Each item is returned on the device and on the host.
@@ -31,7 +35,10 @@ from zerokit.lab.build import blocks, meta_model
 from zerokit.lab.flags import offload_parts
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ADAM_STATE_BYTES = 8        # exp_avg + exp_avg_sq, fp32, per trainable parameter
+# Optimizer state per element: (moments, bytes per moment when 8-bit) -- fp32 moments are 4 bytes each.
+MOMENTS = {"adamw": 2, "lion": 1, "adamw8bit": 2, "lion8bit": 1, "muon": 1}
+BNB_BLOCK = 256             # bitsandbytes' block-wise quantisation: one fp32 absmax per moment per block
+BNB_MIN_8BIT = 4096         # its min_8bit_size: smaller tensors keep fp32 moments
 MASTER_BYTES = 4            # fp32 master copy, per trainable parameter
 FP32 = 4                    # gradients as the ZeRO optimizer accumulates and offloads them
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # QLoRA base weight: 4 bits + double-quantised absmax
@@ -52,6 +59,7 @@ class ModelStats:
     hidden_size: int         # what DeepSpeed's "auto" sizes derive from
     sizes: tuple = ()        # numel of every unique parameter
     groups: tuple = ()       # trainable tensor sizes per optimizer group, in the order ZeRO 1/2 flattens them
+    muon_groups: tuple = ()  # the same under optim.name=muon: (sizes, on Muon?) per group (zerokit.optim.muon_groups)
 
     def persistent(self, threshold: int) -> int:
         """Parameters ZeRO-3 keeps whole on every rank: those under stage3_param_persistence_threshold."""
@@ -60,7 +68,7 @@ class ModelStats:
 
 @functools.lru_cache(maxsize=64)
 def _model_stats(cfg_json, cfg_cls, peft, lora_r) -> ModelStats:
-    from zerokit.optim import param_groups
+    from zerokit.optim import muon_groups, param_groups
 
     config = cfg_cls.from_dict(json.loads(cfg_json))
     model = meta_model(config, None, "fp32", "sdpa", peft, lora_r, "none")
@@ -84,11 +92,34 @@ def _model_stats(cfg_json, cfg_cls, peft, lora_r) -> ModelStats:
         sizes=tuple(p.numel() for p in params),
         # the groups zerokit's optimizer gets (weight decay on matrices only), which DeepSpeed flattens
         groups=tuple(tuple(p.numel() for p in g["params"]) for g in param_groups(model, 0.1)),
+        muon_groups=tuple((tuple(p.numel() for p in g["params"]), "lr_scale" in g)
+                          for g in (lambda adam, muon: adam + muon)(*muon_groups(model, 0.1, 1.0))),
     )
 
 
 def model_stats(config, peft: str = "none", lora_r: int = 16) -> ModelStats:
     return _model_stats(config.to_json_string(use_diff=False), type(config), peft, lora_r)
+
+
+def tensor_state_bytes(optim: str, numel: float, muon: bool = False) -> float:
+    """Optimizer state bytes of one tensor (or one flat ZeRO partition) of `numel` elements."""
+    if optim == "muon":
+        return numel * (4 if muon else 8)
+    moments = MOMENTS[optim]
+    if optim.endswith("8bit") and numel >= BNB_MIN_8BIT:
+        return moments * (numel + 4 * math.ceil(numel / BNB_BLOCK))
+    return moments * 4 * numel
+
+
+def optimizer_state_bytes(st: ModelStats, optim: str = "adamw", shards: int = 1) -> float:
+    """Per-rank optimizer state: of each whole tensor (`shards` 1: plain, DDP, ZeRO-0), or of each rank's
+    1/N of every flattened param group (ZeRO 1-3, `shards` N)."""
+    groups = st.muon_groups if optim == "muon" else [(sizes, False) for sizes in st.groups]
+    if not groups:  # a ModelStats built by hand: one tensor
+        return tensor_state_bytes(optim, st.trainable / shards)
+    if shards == 1:
+        return sum(tensor_state_bytes(optim, n, muon) for sizes, muon in groups for n in sizes)
+    return sum(tensor_state_bytes(optim, sum(sizes) / shards, muon) for sizes, muon in groups)
 
 
 def partition_overlap(groups, world_size: int, rank: int) -> int:
@@ -128,11 +159,11 @@ def zero_config(stage: int, offload: str, stats: ModelStats) -> dict:
 
 
 def model_states(st: ModelStats, *, world_size: int, stage: int, offload: str, precision: str, peft: str,
-                 rank: int | None = None, zero: dict | None = None) -> dict:
-    """Per-rank bytes of weights, gradients, Adam state and fp32 master (see the module doc), on the
+                 rank: int | None = None, zero: dict | None = None, optim: str = "adamw") -> dict:
+    """Per-rank bytes of weights, gradients, optimizer state and fp32 master (see the module doc), on the
     device (the top-level items) and on the host (`host`, same items). `rank`: whose ZeRO-2 gradient
     partition (default: the busiest rank's). `zero`: the run's zero section, for its persistence
-    threshold (default `zero_config`'s)."""
+    threshold (default `zero_config`'s). `optim`: optim.name."""
     N, w = world_size, BYTES[precision]
     off_opt, off_params = offload_parts(offload)
     nf4 = NF4_BYTES if peft == "qlora" else w
@@ -147,7 +178,7 @@ def model_states(st: ModelStats, *, world_size: int, stage: int, offload: str, p
     else:
         partition = st.trainable / N
     master = st.trainable * MASTER_BYTES / opt_shard if stage >= 1 or precision != "fp32" else 0
-    moments = st.trainable * ADAM_STATE_BYTES / opt_shard
+    moments = optimizer_state_bytes(st, optim, opt_shard)
     if stage == 3:
         # every param is partitioned; those under the persistence threshold are also kept whole
         device_weights, host_weights = persistent * w, weight_bytes / N

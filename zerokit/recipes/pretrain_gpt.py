@@ -14,6 +14,7 @@ from zerokit.backends import make_backend
 from zerokit.config import save_config
 from zerokit.data.packed import BlockLoader
 from zerokit.dist import init_distributed
+from zerokit.errors import UsageError
 from zerokit.loop import train
 from zerokit.models import build_causal_lm
 from zerokit.pretraining import PretrainTask, prepare_data, sample_text
@@ -23,6 +24,9 @@ log = logging.getLogger("zerokit")
 
 
 def main(cfg):
+    if cfg.train.max_steps == 0 and not cfg.train.max_minutes:  # fine-tuning's max_steps=0 is a baseline evaluation; here nothing
+        raise UsageError("train.max_steps=0 with train.max_minutes=0 trains nothing; set train.max_steps=N or a "
+                         "time budget train.max_minutes=M")
     info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads)
     run_dir = Path(cfg.run_dir)
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "zerokit"
@@ -32,8 +36,9 @@ def main(cfg):
 
     t = cfg.train
     model = build_causal_lm(cfg.model.preset, cfg.model.name_or_path, len(tokenizer), cfg.data.block_size,
-                            cfg.model.dropout, cfg.model.grad_ckpt, t.seed, tokenizer.eos_token_id)
-    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload)
+                            cfg.model.dropout, cfg.model.grad_ckpt, t.seed, tokenizer.eos_token_id,
+                            cfg.model.attn, cfg.model.sdpa_backend, cfg.model.kv_heads)
+    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, optim=cfg.optim)
     loader = BlockLoader(data_dir, "train", cfg.data.block_size, t.micro_batch_size, t.grad_accum,
                          info.rank, info.world_size, t.seed)
     task = PretrainTask(data_dir, cfg.data.block_size, t.micro_batch_size, cfg.data.eval_batches)
