@@ -22,6 +22,7 @@ from zerokit.errors import UsageError
 from zerokit.manifest import identity as checkpoint_identity
 from zerokit.metrics import (MetricsLogger, json_line, model_flops_per_token, peak_flops, peak_memory_mb, progress_bar,
                              system_stats)
+from zerokit.moe import router_record
 from zerokit.nonfinite import NonFiniteGuard, NonFiniteStep
 from zerokit.schedule import NO_LIMIT, TimeBudget, lr_at
 
@@ -195,7 +196,8 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
                       "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tok_s,
                       "peak_mem_mb": max(r["peak_mem_mb"] for r in ranks),
                       "peak_mem_mb_per_rank": [round(r["peak_mem_mb"], 1) for r in ranks],
-                      "tokens_seen": tokens_seen, **guard.counts(), **system_stats(info.device)}
+                      "tokens_seen": tokens_seen, **guard.counts(), **system_stats(info.device),
+                      **router_record(task, info.device)}
             if peak and flops_per_tok:
                 record["mfu"] = flops_per_tok * tok_s / (peak * info.world_size)
             logger.log(record)

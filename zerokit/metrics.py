@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from zerokit.moe import inactive_params
+
 # Dense bf16 peak FLOP/s by GPU name (vendor datasheets, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
               "L4": 121e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
@@ -34,14 +36,15 @@ def matmul_params(model: torch.nn.Module) -> int:
 
 
 def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
-    """None for encoder-decoders: their tokens split between two stacks, which one formula does not describe."""
+    """None for encoder-decoders: their tokens split between two stacks, which one formula does not describe.
+    A mixture of experts counts its active parameters: a token runs top_k of the num_experts experts."""
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False):
         return None
     n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     n_head = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    return flops_per_token(matmul_params(model), n_layer, n_head, hidden // n_head, seq_len)
+    return flops_per_token(matmul_params(model) - inactive_params(model), n_layer, n_head, hidden // n_head, seq_len)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

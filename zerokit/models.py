@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, PretrainedConfig
 
 from zerokit.attention import attn_implementation, pin_sdpa_backend
 from zerokit.errors import UsageError
@@ -22,6 +22,9 @@ from zerokit.errors import UsageError
 # same function in ~8 separate ops (1.4x slower training of the CPU demo, and 4 extra saved tensors).
 _GPT2 = dict(activation_function="gelu_pytorch_tanh", tie_word_embeddings=True)
 _LLAMA = dict(hidden_act="silu", tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0)
+# Mixtral: Llama blocks whose MLP is top-2 of N SwiGLU experts (zerokit/moe.py, docs/moe.md). Router logits
+# on, so the forward returns the load-balancing aux loss that zerokit adds to the loss (model.router_aux_loss_coef).
+_MOE = dict(_LLAMA, output_router_logits=True, router_aux_loss_coef=0.01, router_jitter_noise=0.0, num_experts_per_tok=2)
 
 # name -> (config class, shape). vocab/context defaults are the published ones.
 PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
@@ -45,6 +48,13 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
                                      intermediate_size=176, max_position_embeddings=128, vocab_size=512, **_LLAMA)),
     "llama-120m": (LlamaConfig, dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
                                      intermediate_size=2048, max_position_embeddings=1024, vocab_size=32000, **_LLAMA)),
+    # Mixture of experts, gpt-tiny / gpt-demo sizes: 4 (8) experts, top-2; experts 1.375x (2x) the hidden size.
+    "moe-tiny": (MixtralConfig, dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=88, num_local_experts=4, max_position_embeddings=128,
+                                     vocab_size=512, **_MOE)),
+    "moe-demo": (MixtralConfig, dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                     intermediate_size=256, num_local_experts=8, max_position_embeddings=128,
+                                     vocab_size=1024, **_MOE)),
     # Llama-3.2-1B shape.
     "llama-1b": (LlamaConfig, dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                                    intermediate_size=8192, max_position_embeddings=2048, vocab_size=128256,
@@ -79,8 +89,9 @@ def preset_choices() -> str:
 
 def model_config(preset_or_path: str, vocab_size: int | None = None, block_size: int | None = None,
                  dropout: float | None = None, eos_token_id: int | None = None,
-                 kv_heads: int | None = None) -> PretrainedConfig:
-    """The HF config of a preset or alias (with run-specific vocab/context/dropout/kv_heads) or of a path/hub name."""
+                 kv_heads: int | None = None, router_aux_loss_coef: float | None = None) -> PretrainedConfig:
+    """The HF config of a preset or alias (with run-specific vocab/context/dropout/kv_heads/MoE aux-loss
+    coefficient) or of a path/hub name."""
     preset = preset_name(preset_or_path)
     if preset is None:
         try:
@@ -92,6 +103,12 @@ def model_config(preset_or_path: str, vocab_size: int | None = None, block_size:
     shape = dict(shape, vocab_size=vocab_size or shape["vocab_size"])
     if kv_heads is not None:
         shape = _with_kv_heads(preset, cls, shape, kv_heads)
+    if router_aux_loss_coef is not None:
+        if "num_local_experts" not in shape:
+            moes = ", ".join(name for name, (_, s) in PRESETS.items() if "num_local_experts" in s)
+            raise UsageError(f"model.router_aux_loss_coef={router_aux_loss_coef} needs a mixture-of-experts preset "
+                             f"({moes}); {preset} is dense: set model.router_aux_loss_coef=null")
+        shape = dict(shape, router_aux_loss_coef=router_aux_loss_coef)
     if vocab_size or eos_token_id is not None:
         # Special ids come from the run's tokenizer; GPT-2's 50256 means nothing in a trained vocabulary.
         shape.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None)
@@ -115,7 +132,7 @@ def _with_kv_heads(preset: str, cls: type[PretrainedConfig], shape: dict, kv_hea
     if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
         fits = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
         raise UsageError(f"model.kv_heads={kv_heads} must divide the {heads} attention heads of {preset}; choose one of {fits}")
-    if cls is LlamaConfig:
+    if "num_key_value_heads" in shape:  # Llama and Mixtral
         return dict(shape, num_key_value_heads=kv_heads)
     if kv_heads == heads:
         return shape
@@ -162,9 +179,10 @@ def load_pretrained_causal_lm(name_or_path: str, vocab_size: int | None, block_s
 def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: int | None, block_size: int | None,
                     dropout: float | None = None, grad_ckpt: bool = False, seed: int = 0,
                     eos_token_id: int | None = None, attn: str = "sdpa", sdpa_backend: str = "auto",
-                    kv_heads: int | None = None) -> torch.nn.Module:
-    """Random-init a preset (deterministic under `seed`) or load pretrained weights; `attn`, `sdpa_backend`
-    and `kv_heads` are model.attn, model.sdpa_backend and model.kv_heads."""
+                    kv_heads: int | None = None, router_aux_loss_coef: float | None = None) -> torch.nn.Module:
+    """Random-init a preset (deterministic under `seed`) or load pretrained weights; `attn`, `sdpa_backend`,
+    `kv_heads` and `router_aux_loss_coef` are model.attn, model.sdpa_backend, model.kv_heads and
+    model.router_aux_loss_coef."""
     implementation = attn_implementation(attn, sdpa_backend)
     if name_or_path:
         if kv_heads is not None:
@@ -175,7 +193,8 @@ def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: in
         if preset_name(preset) is None:
             raise UsageError(f"unknown model.preset '{preset}'; choose one of the {preset_choices()}, "
                              f"or set model.name_or_path")
-        cfg = model_config(preset_name(preset), vocab_size, block_size, dropout, eos_token_id, kv_heads)
+        cfg = model_config(preset_name(preset), vocab_size, block_size, dropout, eos_token_id, kv_heads,
+                           router_aux_loss_coef)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=implementation, dtype=torch.float32)
     pin_sdpa_backend(model, sdpa_backend)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zerokit.dist import all_reduce_sum
+from zerokit.moe import RouterStats
 
 log = logging.getLogger("zerokit")
 
@@ -53,21 +54,24 @@ def prepare_data(data, cache: Path):
     return tokenizer, data_dir
 
 
-def causal_lm_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over positions whose target is not -100, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+def causal_lm_loss_sum(model, batch: dict, router=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over positions whose target is not -100, and their count.
+    With `router` (zerokit.moe.RouterStats) a mixture of experts' aux loss is added (see zerokit/moe.py)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     targets = batch["targets"]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (targets != -100).sum()
+    loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    n = (targets != -100).sum()
+    return (loss if router is None else loss + router.add(model, out, n)), n
 
 
 class PretrainTask:
     def __init__(self, data_dir: Path, block_size: int, micro_batch_size: int, eval_batches: int = 0):
         self.data_dir, self.block_size = Path(data_dir), block_size
         self.micro_batch_size, self.eval_batches = micro_batch_size, eval_batches or None
+        self.router = RouterStats()  # MoE models: aux loss and load; nothing for dense ones
 
     def loss(self, model, batch: dict):
-        return causal_lm_loss_sum(model, batch)
+        return causal_lm_loss_sum(model, batch, self.router)
 
     def evaluate(self, model, rank: int, world_size: int) -> dict:
         """Validation loss (nats per token) and bits per byte: total nats over the UTF-8 bytes the

@@ -9,6 +9,7 @@ steps, which is how the tests hold the estimate to account.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class Estimate:
     trainable_params: int
     per_layer: dict = field(default_factory=dict)  # saved bytes of one block: attn / mlp / other
     inputs: dict = field(default_factory=dict)
+    active_params: int | None = None  # mixture of experts: what one token uses (non-expert + top_k/experts of experts)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,7 +174,7 @@ def estimate(config, *, world_size: int = 1, stage: int = 0, offload: str = "non
     return Estimate(
         total=live + overhead, peak_phase=phase, overhead=overhead,
         host_per_rank=int(host), host_per_node=int(host * per_node),
-        params=st.params, trainable_params=st.trainable, per_layer=per_layer,
+        params=st.params, trainable_params=st.trainable, per_layer=per_layer, active_params=active_params(config),
         inputs=dict(world_size=N, stage=stage, offload=offload, micro_batch=micro_batch, seq=seq,
                     grad_ckpt=grad_ckpt, precision=precision, peft=peft, attn=attn, grad_accum=grad_accum,
                     device=device, lora_r=lora_r, optim=optim),
@@ -209,6 +211,20 @@ def describe(e: Estimate) -> dict:
     }
 
 
+def active_params(config) -> int:
+    """Parameters one token passes through: all but the (1 - top_k/num_experts) share of the routed
+    experts' (a mixture of experts, counted on the meta model); all of them for a dense model."""
+    return _active_params(config.to_json_string(use_diff=False), type(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _active_params(cfg_json, cfg_cls) -> int:
+    from zerokit.lab.build import meta_model
+    from zerokit.moe import inactive_params
+    model = meta_model(cfg_cls.from_dict(json.loads(cfg_json)), None, "fp32", "sdpa", "none", 16, "none")
+    return sum({id(p): p.numel() for p in model.parameters()}.values()) - inactive_params(model)
+
+
 def kv_cache_bytes_per_token(config, precision: str = "bf16") -> int:
     """Generation's KV cache for one token of one sequence: 2 (K and V) x layers x kv_heads x head_dim x dtype
     bytes. kv_heads is num_key_value_heads where the config has it (GQA, MQA), else the attention heads (MHA)."""
@@ -224,7 +240,9 @@ def format_estimate(e: Estimate, name: str = "") -> str:
     lines = [f"zerokit estimate{': ' + name if name else ''} | {i['world_size']} rank(s), ZeRO-{i['stage']}, "
              f"offload {i['offload']}, {i['precision']}, micro-batch {i['micro_batch']} x seq {i['seq']}, "
              f"grad-accum {i['grad_accum']}, grad-ckpt {i['grad_ckpt']}, peft {i['peft']}, {i['attn']}, {i['device']}, {i.get('optim', 'adamw')}",
-             f"params {e.params / 1e6:,.2f}M, trainable {e.trainable_params / 1e6:,.2f}M",
+             f"params {e.params / 1e6:,.2f}M, trainable {e.trainable_params / 1e6:,.2f}M"
+             + (f", active per token {e.active_params / 1e6:,.2f}M (mixture of experts)"
+                if e.active_params not in (None, e.params) else ""),
              f"per rank at the peak ({PHASES.get(e.peak_phase, e.peak_phase)}):"]
     why = describe(e)
     for k, v in e.items().items():

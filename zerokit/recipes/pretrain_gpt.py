@@ -37,7 +37,8 @@ def main(cfg):
     t = cfg.train
     model = build_causal_lm(cfg.model.preset, cfg.model.name_or_path, len(tokenizer), cfg.data.block_size,
                             cfg.model.dropout, cfg.model.grad_ckpt, t.seed, tokenizer.eos_token_id,
-                            cfg.model.attn, cfg.model.sdpa_backend, cfg.model.kv_heads)
+                            cfg.model.attn, cfg.model.sdpa_backend, cfg.model.kv_heads,
+                            cfg.model.router_aux_loss_coef)
     backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, optim=cfg.optim)
     loader = BlockLoader(data_dir, "train", cfg.data.block_size, t.micro_batch_size, t.grad_accum,
                          info.rank, info.world_size, t.seed)

@@ -1,0 +1,136 @@
+"""Issue 19 item 4 / I4: mixture-of-experts presets. The aux loss and the router load against formulas
+computed here from the router logits; total/active parameters and FLOPs against hand counts from the
+config; 2-rank ZeRO-2/3 and FSDP runs against one plain process (fp32, 1e-5)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launch_util import losses, metrics, pretrain, pretrain_many
+from zerokit.errors import UsageError
+from zerokit.export import checkpoint_weights
+from zerokit.metrics import model_flops_per_token
+from zerokit.models import block_classes, build_causal_lm, count_params
+from zerokit.pretraining import PretrainTask
+
+SEQ = 32
+
+
+def tiny(**kw):
+    return build_causal_lm("moe-tiny", None, vocab_size=512, block_size=SEQ, dropout=0.0, **kw)
+
+
+def test_preset_is_a_routed_mixtral_whose_blocks_fsdp_finds():
+    model = tiny()
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_local_experts, cfg.num_experts_per_tok) == ("mixtral", 4, 2)
+    assert cfg.output_router_logits and cfg.router_aux_loss_coef == 0.01
+    names = block_classes(model)
+    assert sum(type(m).__name__ in names for m in model.modules()) == cfg.num_hidden_layers
+    assert tiny(router_aux_loss_coef=0.5).config.router_aux_loss_coef == 0.5
+    with pytest.raises(UsageError, match="router_aux_loss_coef.*moe-tiny"):
+        build_causal_lm("gpt-tiny", None, 512, SEQ, router_aux_loss_coef=0.1)
+    assert tiny(kv_heads=1).config.num_key_value_heads == 1
+
+
+def switch_aux(layer_logits, top_k):
+    """Switch Transformer eq. 4-6 over all layers' tokens: E * sum_e (share of assignments) * (mean prob)."""
+    probs = torch.cat([g.softmax(-1) for g in layer_logits])
+    chosen = torch.cat([g.topk(top_k, -1).indices for g in layer_logits])
+    experts = probs.shape[-1]
+    share = F.one_hot(chosen, experts).float().sum((0, 1)) / chosen.shape[0]
+    return experts * (share * probs.mean(0)).sum()
+
+
+def test_loss_adds_the_weighted_aux_loss_and_the_load_is_logged():
+    torch.manual_seed(1)
+    model = tiny(router_aux_loss_coef=0.25).train()
+    ids = torch.randint(0, 512, (2, SEQ + 1))
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+    task = PretrainTask(".", SEQ, 2)
+    loss_sum, n = task.loss(model, batch)
+    out = model(input_ids=batch["input_ids"], use_cache=False)
+    ce = F.cross_entropy(out.logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum")
+    aux = switch_aux(out.router_logits, 2)
+    assert n == 2 * SEQ
+    assert abs(loss_sum.item() - (ce + 0.25 * aux * n).item()) < 1e-4
+    loss_sum.backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0  # the router is trained through the aux loss
+    task.loss(model, batch)  # a second micro-batch: the interval sums both
+    rec = task.router.record(torch.device("cpu"))
+    hand = [2 * F.one_hot(g.topk(2, -1).indices, 4).sum((0, 1)) for g in out.router_logits]
+    assert rec["moe_expert_tokens"] == [h.tolist() for h in hand]
+    assert all(sum(row) == 2 * 2 * 2 * SEQ for row in rec["moe_expert_tokens"])  # 2 batches x top-2 x tokens
+    assert abs(rec["router_aux_loss"] - aux.item()) < 1e-5
+    z = torch.stack([g.logsumexp(-1).pow(2).mean() for g in out.router_logits]).mean()
+    assert abs(rec["router_z_loss"] - z.item()) < 1e-4
+    assert abs(rec["moe_load_max"] - max(h.max().item() / h.sum().item() * 4 for h in hand)) < 1e-4
+    assert task.router.record(torch.device("cpu")) == {}  # reset after each log step
+
+
+def test_estimator_counts_total_and_active_params():
+    from zerokit.lab.estimate import estimate
+    model = tiny()
+    cfg = model.config
+    experts = sum(p.numel() for layer in model.model.layers for p in layer.mlp.experts.parameters())
+    h, i, e, k, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+    assert experts == L * e * 3 * h * i  # gate, up, down of every expert
+    est = estimate(cfg, seq=SEQ, device="cpu")
+    assert est.params == count_params(model)
+    assert est.active_params == count_params(model) - experts + experts * k // e
+    assert estimate("llama-tiny", seq=SEQ, device="cpu").active_params == count_params(
+        build_causal_lm("llama-tiny", None, None, None))  # dense: every parameter is active
+
+
+def test_flops_per_token_use_active_params():
+    model = tiny()
+    cfg = model.config
+    h, i, e, k, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                        cfg.num_hidden_layers, cfg.vocab_size)
+    hd = h // cfg.num_attention_heads
+    attn = 2 * h * h + 2 * h * cfg.num_key_value_heads * hd          # q, o; k, v (GQA)
+    per_layer = attn + h * e + k * 3 * h * i + 2 * h                # router, top-k experts, two RMSNorms
+    active_matmul = L * per_layer + h + V * h                        # final norm, untied lm_head (no input embedding)
+    assert model_flops_per_token(model, SEQ) == 6 * active_matmul + 12 * L * cfg.num_attention_heads * hd * SEQ
+
+
+# I4: sharding changes memory, not results. The reference is one process with the same micro-batches
+# (4 sequences, accumulated twice), because the aux loss is per micro-batch (zerokit/moe.py).
+STEPS = 4
+COMMON = ["model.preset=moe-tiny", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
+          "train.grad_clip=1.0", "train.micro_batch_size=4", "train.precision=fp32"]
+ENGINES = {"zero2": ["ds_config=ds_configs/zero2.json"], "fsdp_full_shard": ["fsdp=full_shard"],
+           "zero3": ["ds_config=ds_configs/zero3.json"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("moe")
+    pretrain(root / "reference", *COMMON, "train.grad_accum=2", kind="python", cache=cache)
+    pretrain_many([[*COMMON, f"run_dir={root / name}", *extra] for name, extra in ENGINES.items()],
+                  nproc=2, cache=cache, workdir=root)
+    return root
+
+
+def test_two_ranks_equal_one_process(runs, capsys):
+    ref = losses(runs / "reference")
+    ref_w = checkpoint_weights(runs / "reference" / "checkpoints" / f"step_{STEPS}")
+    ref_m = [m for m in metrics(runs / "reference") if "router_aux_loss" in m]
+    assert len(ref_m) == STEPS and all(sum(map(sum, m["moe_expert_tokens"])) > 0 for m in ref_m)
+    rows, bad = [], []
+    for name in ENGINES:
+        got = losses(runs / name)
+        assert got.keys() == ref.keys(), name
+        loss_rel = max(abs(got[s] - ref[s]) / ref[s] for s in got)
+        w = checkpoint_weights(runs / name / "checkpoints" / f"step_{STEPS}")
+        weight = max((w[key].float() - ref_w[key].float()).abs().max().item() for key in ref_w)
+        aux = max(abs(a["router_aux_loss"] - b["router_aux_loss"]) for a, b in
+                  zip([m for m in metrics(runs / name) if "router_aux_loss" in m], ref_m))
+        tokens_equal = [m["moe_expert_tokens"] for m in metrics(runs / name) if "moe_expert_tokens" in m] == \
+                       [m["moe_expert_tokens"] for m in ref_m]
+        rows.append(f"| {name} | {loss_rel:.1e} | {weight:.1e} | {aux:.1e} | {tokens_equal} |")
+        if loss_rel > 1e-5 or weight > 1e-5 or aux > 1e-5 or not tokens_equal:
+            bad.append(name)
+    with capsys.disabled():
+        print("\n| moe-tiny, 2 CPU ranks | max rel. loss diff | max abs. weight diff | max aux diff | tokens/expert equal |"
+              "\n|---|---|---|---|---|\n" + "\n".join(rows))
+    assert not bad, f"engines off the single-process reference: {bad}\n" + "\n".join(rows)
