@@ -93,12 +93,29 @@ def test_flops_per_token_use_active_params():
     assert model_flops_per_token(model, SEQ) == 6 * active_matmul + 12 * L * cfg.num_attention_heads * hd * SEQ
 
 
+def test_flops_formula_matches_the_flop_counter():
+    """The active-parameter formula against what PyTorch counts: eager experts (transformers' default
+    grouped_mm is not counted by FlopCounterMode) and eager attention, as tests/test_flops.py does."""
+    from torch.utils.flop_counter import FlopCounterMode
+    seq, batch = 128, 2
+    model = build_causal_lm("moe-tiny", None, vocab_size=512, block_size=seq, dropout=0.0)
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("eager")
+    ids = torch.randint(0, 512, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, use_cache=False).logits
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    measured = counter.get_total_flops() / (batch * seq)
+    assert abs(model_flops_per_token(model, seq) - measured) / measured < 0.01
+
+
 # I4: sharding changes memory, not results. The reference is one process with the same micro-batches
 # (4 sequences, accumulated twice), because the aux loss is per micro-batch (zerokit/moe.py).
 STEPS = 4
 COMMON = ["model.preset=moe-tiny", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
           "train.grad_clip=1.0", "train.micro_batch_size=4", "train.precision=fp32"]
 ENGINES = {"zero2": ["ds_config=ds_configs/zero2.json"], "fsdp_full_shard": ["fsdp=full_shard"],
+           "fsdp_shard_grad_op": ["fsdp=shard_grad_op"],
            "zero3": ["ds_config=ds_configs/zero3.json"]}
 
 
@@ -111,6 +128,7 @@ def runs(tmp_path_factory, data_dir):
     return root
 
 
+@pytest.mark.slow  # ~50 s: one python + one 2-rank launch of three engines
 def test_two_ranks_equal_one_process(runs, capsys):
     ref = losses(runs / "reference")
     ref_w = checkpoint_weights(runs / "reference" / "checkpoints" / f"step_{STEPS}")
