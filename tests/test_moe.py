@@ -114,7 +114,7 @@ def test_flops_formula_matches_the_flop_counter():
 STEPS = 4
 COMMON = ["model.preset=moe-tiny", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
           "train.grad_clip=1.0", "train.micro_batch_size=4", "train.precision=fp32"]
-ENGINES = {"zero2": ["ds_config=ds_configs/zero2.json"], "fsdp_full_shard": ["fsdp=full_shard"],
+ENGINES = {"ddp": [], "zero2": ["ds_config=ds_configs/zero2.json"], "fsdp_full_shard": ["fsdp=full_shard"],
            "fsdp_shard_grad_op": ["fsdp=shard_grad_op"],
            "zero3": ["ds_config=ds_configs/zero3.json"]}
 
@@ -128,7 +128,7 @@ def runs(tmp_path_factory, data_dir):
     return root
 
 
-@pytest.mark.slow  # ~50 s: one python + one 2-rank launch of three engines
+@pytest.mark.slow  # ~55 s: one python + one 2-rank launch of five engines
 def test_two_ranks_equal_one_process(runs, capsys):
     ref = losses(runs / "reference")
     ref_w = checkpoint_weights(runs / "reference" / "checkpoints" / f"step_{STEPS}")
