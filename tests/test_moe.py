@@ -15,21 +15,32 @@ from zerokit.pretraining import PretrainTask
 SEQ = 32
 
 
-def tiny(**kw):
-    return build_causal_lm("moe-tiny", None, vocab_size=512, block_size=SEQ, dropout=0.0, **kw)
+PRESETS = {"moe-tiny": ("mixtral", 4), "qwen-moe-tiny": ("qwen2_moe", 8)}  # preset -> model type, routed experts
 
 
-def test_preset_is_a_routed_mixtral_whose_blocks_fsdp_finds():
-    model = tiny()
+def tiny(preset="moe-tiny", **kw):
+    return build_causal_lm(preset, None, vocab_size=512, block_size=SEQ, dropout=0.0, **kw)
+
+
+def n_experts(cfg):
+    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_is_a_routed_moe_whose_blocks_fsdp_finds(preset):
+    model = tiny(preset)
     cfg = model.config
-    assert (cfg.model_type, cfg.num_local_experts, cfg.num_experts_per_tok) == ("mixtral", 4, 2)
+    assert (cfg.model_type, n_experts(cfg), cfg.num_experts_per_tok) == (*PRESETS[preset], 2)
     assert cfg.output_router_logits and cfg.router_aux_loss_coef == 0.01
     names = block_classes(model)
     assert sum(type(m).__name__ in names for m in model.modules()) == cfg.num_hidden_layers
-    assert tiny(router_aux_loss_coef=0.5).config.router_aux_loss_coef == 0.5
-    with pytest.raises(UsageError, match="router_aux_loss_coef.*moe-tiny"):
+    assert tiny(preset, router_aux_loss_coef=0.5).config.router_aux_loss_coef == 0.5
+    assert tiny(preset, kv_heads=1).config.num_key_value_heads == 1
+
+
+def test_aux_coefficient_on_a_dense_preset_is_an_error():
+    with pytest.raises(UsageError, match="router_aux_loss_coef.*moe-tiny, moe-demo, qwen-moe-tiny"):
         build_causal_lm("gpt-tiny", None, 512, SEQ, router_aux_loss_coef=0.1)
-    assert tiny(kv_heads=1).config.num_key_value_heads == 1
 
 
 def switch_aux(layer_logits, top_k):
@@ -41,9 +52,11 @@ def switch_aux(layer_logits, top_k):
     return experts * (share * probs.mean(0)).sum()
 
 
-def test_loss_adds_the_weighted_aux_loss_and_the_load_is_logged():
+@pytest.mark.parametrize("preset", PRESETS)
+def test_loss_adds_the_weighted_aux_loss_and_the_load_is_logged(preset):
     torch.manual_seed(1)
-    model = tiny(router_aux_loss_coef=0.25).train()
+    model = tiny(preset, router_aux_loss_coef=0.25).train()
+    E = n_experts(model.config)
     ids = torch.randint(0, 512, (2, SEQ + 1))
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
     task = PretrainTask(".", SEQ, 2)
@@ -57,23 +70,26 @@ def test_loss_adds_the_weighted_aux_loss_and_the_load_is_logged():
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0  # the router is trained through the aux loss
     task.loss(model, batch)  # a second micro-batch: the interval sums both
     rec = task.router.record(torch.device("cpu"))
-    hand = [2 * F.one_hot(g.topk(2, -1).indices, 4).sum((0, 1)) for g in out.router_logits]
+    hand = [2 * F.one_hot(g.topk(2, -1).indices, E).sum((0, 1)) for g in out.router_logits]
     assert rec["moe_expert_tokens"] == [h.tolist() for h in hand]
     assert all(sum(row) == 2 * 2 * 2 * SEQ for row in rec["moe_expert_tokens"])  # 2 batches x top-2 x tokens
     assert abs(rec["router_aux_loss"] - aux.item()) < 1e-5
     z = torch.stack([g.logsumexp(-1).pow(2).mean() for g in out.router_logits]).mean()
     assert abs(rec["router_z_loss"] - z.item()) < 1e-4
-    assert abs(rec["moe_load_max"] - max(h.max().item() / h.sum().item() * 4 for h in hand)) < 1e-4
+    assert abs(rec["moe_load_max"] - max(h.max().item() / h.sum().item() * E for h in hand)) < 1e-4
     assert task.router.record(torch.device("cpu")) == {}  # reset after each log step
 
 
-def test_estimator_counts_total_and_active_params():
+@pytest.mark.parametrize("preset", PRESETS)
+def test_estimator_counts_total_and_active_params(preset):
+    """Active = non-expert (attention, router, a shared expert) + top_k/num_experts of the routed experts."""
     from zerokit.lab.estimate import estimate
-    model = tiny()
+    model = tiny(preset)
     cfg = model.config
     experts = sum(p.numel() for layer in model.model.layers for p in layer.mlp.experts.parameters())
-    h, i, e, k, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
-    assert experts == L * e * 3 * h * i  # gate, up, down of every expert
+    h, e, k, L = cfg.hidden_size, n_experts(cfg), cfg.num_experts_per_tok, cfg.num_hidden_layers
+    i = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    assert experts == L * e * 3 * h * i  # gate, up, down of every routed expert
     est = estimate(cfg, seq=SEQ, device="cpu")
     assert est.params == count_params(model)
     assert est.active_params == count_params(model) - experts + experts * k // e
@@ -93,12 +109,13 @@ def test_flops_per_token_use_active_params():
     assert model_flops_per_token(model, SEQ) == 6 * active_matmul + 12 * L * cfg.num_attention_heads * hd * SEQ
 
 
-def test_flops_formula_matches_the_flop_counter():
+@pytest.mark.parametrize("preset", PRESETS)
+def test_flops_formula_matches_the_flop_counter(preset):
     """The active-parameter formula against what PyTorch counts: eager experts (transformers' default
     grouped_mm is not counted by FlopCounterMode) and eager attention, as tests/test_flops.py does."""
     from torch.utils.flop_counter import FlopCounterMode
     seq, batch = 128, 2
-    model = build_causal_lm("moe-tiny", None, vocab_size=512, block_size=seq, dropout=0.0)
+    model = build_causal_lm(preset, None, vocab_size=512, block_size=seq, dropout=0.0)
     model.set_attn_implementation("eager")
     model.set_experts_implementation("eager")
     ids = torch.randint(0, 512, (batch, seq))
@@ -112,43 +129,49 @@ def test_flops_formula_matches_the_flop_counter():
 # I4: sharding changes memory, not results. The reference is one process with the same micro-batches
 # (4 sequences, accumulated twice), because the aux loss is per micro-batch (zerokit/moe.py).
 STEPS = 4
-COMMON = ["model.preset=moe-tiny", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
-          "train.grad_clip=1.0", "train.micro_batch_size=4", "train.precision=fp32"]
+COMMON = [f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}", "train.grad_clip=1.0",
+          "train.micro_batch_size=4", "train.precision=fp32"]
 ENGINES = {"ddp": [], "zero2": ["ds_config=ds_configs/zero2.json"], "fsdp_full_shard": ["fsdp=full_shard"],
-           "fsdp_shard_grad_op": ["fsdp=shard_grad_op"],
-           "zero3": ["ds_config=ds_configs/zero3.json"]}
+           "fsdp_shard_grad_op": ["fsdp=shard_grad_op"], "zero3": ["ds_config=ds_configs/zero3.json"]}
+# run name -> (preset, engine): every engine on Mixtral, ZeRO-2 and FSDP on Qwen-MoE (shared expert)
+RUNS = {**{f"moe-tiny/{e}": ("moe-tiny", e) for e in ENGINES},
+        **{f"qwen-moe-tiny/{e}": ("qwen-moe-tiny", e) for e in ("zero2", "fsdp_full_shard")}}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
     cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("moe")
-    pretrain(root / "reference", *COMMON, "train.grad_accum=2", kind="python", cache=cache)
-    pretrain_many([[*COMMON, f"run_dir={root / name}", *extra] for name, extra in ENGINES.items()],
-                  nproc=2, cache=cache, workdir=root)
+    for preset in PRESETS:
+        pretrain(root / preset / "reference", *COMMON, f"model.preset={preset}", "train.grad_accum=2", kind="python",
+                 cache=cache)
+    pretrain_many([[*COMMON, f"model.preset={preset}", f"run_dir={root / name}", *ENGINES[engine]]
+                   for name, (preset, engine) in RUNS.items()], nproc=2, cache=cache, workdir=root)
     return root
 
 
-@pytest.mark.slow  # ~55 s: one python + one 2-rank launch of five engines
+def router_lines(run_dir):
+    return [m for m in metrics(run_dir) if "router_aux_loss" in m]
+
+
+@pytest.mark.slow  # ~60 s: two python runs + one 2-rank launch of seven runs
 def test_two_ranks_equal_one_process(runs, capsys):
-    ref = losses(runs / "reference")
-    ref_w = checkpoint_weights(runs / "reference" / "checkpoints" / f"step_{STEPS}")
-    ref_m = [m for m in metrics(runs / "reference") if "router_aux_loss" in m]
-    assert len(ref_m) == STEPS and all(sum(map(sum, m["moe_expert_tokens"])) > 0 for m in ref_m)
     rows, bad = [], []
-    for name in ENGINES:
-        got = losses(runs / name)
+    for name, (preset, _) in RUNS.items():
+        ref_dir = runs / preset / "reference"
+        ref, ref_m = losses(ref_dir), router_lines(ref_dir)
+        ref_w = checkpoint_weights(ref_dir / "checkpoints" / f"step_{STEPS}")
+        assert len(ref_m) == STEPS and all(sum(map(sum, m["moe_expert_tokens"])) > 0 for m in ref_m)
+        got, got_m = losses(runs / name), router_lines(runs / name)
         assert got.keys() == ref.keys(), name
         loss_rel = max(abs(got[s] - ref[s]) / ref[s] for s in got)
         w = checkpoint_weights(runs / name / "checkpoints" / f"step_{STEPS}")
         weight = max((w[key].float() - ref_w[key].float()).abs().max().item() for key in ref_w)
-        aux = max(abs(a["router_aux_loss"] - b["router_aux_loss"]) for a, b in
-                  zip([m for m in metrics(runs / name) if "router_aux_loss" in m], ref_m))
-        tokens_equal = [m["moe_expert_tokens"] for m in metrics(runs / name) if "moe_expert_tokens" in m] == \
-                       [m["moe_expert_tokens"] for m in ref_m]
+        aux = max(abs(a["router_aux_loss"] - b["router_aux_loss"]) for a, b in zip(got_m, ref_m))
+        tokens_equal = [m["moe_expert_tokens"] for m in got_m] == [m["moe_expert_tokens"] for m in ref_m]
         rows.append(f"| {name} | {loss_rel:.1e} | {weight:.1e} | {aux:.1e} | {tokens_equal} |")
         if loss_rel > 1e-5 or weight > 1e-5 or aux > 1e-5 or not tokens_equal:
             bad.append(name)
     with capsys.disabled():
-        print("\n| moe-tiny, 2 CPU ranks | max rel. loss diff | max abs. weight diff | max aux diff | tokens/expert equal |"
+        print("\n| 2 CPU ranks vs 1 process | max rel. loss diff | max abs. weight diff | max aux diff | tokens/expert equal |"
               "\n|---|---|---|---|---|\n" + "\n".join(rows))
     assert not bad, f"engines off the single-process reference: {bad}\n" + "\n".join(rows)

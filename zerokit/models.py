@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, PretrainedConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig, PretrainedConfig,
+                          Qwen2MoeConfig)
 
 from zerokit.attention import attn_implementation, pin_sdpa_backend
 from zerokit.errors import UsageError
@@ -55,6 +56,11 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "moe-demo": (MixtralConfig, dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                                      intermediate_size=256, num_local_experts=8, max_position_embeddings=128,
                                      vocab_size=1024, **_MOE)),
+    # Qwen-MoE style: 8 fine-grained experts (width 48), top-2, plus an always-active gated shared expert (96).
+    # Expert widths x 2 bytes are multiples of 16: grouped_mm (the default experts kernel) needs that alignment.
+    "qwen-moe-tiny": (Qwen2MoeConfig, dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                           intermediate_size=176, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                                           num_experts=8, max_position_embeddings=128, vocab_size=512, **_MOE)),
     # Llama-3.2-1B shape.
     "llama-1b": (LlamaConfig, dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                                    intermediate_size=8192, max_position_embeddings=2048, vocab_size=128256,
@@ -104,8 +110,8 @@ def model_config(preset_or_path: str, vocab_size: int | None = None, block_size:
     if kv_heads is not None:
         shape = _with_kv_heads(preset, cls, shape, kv_heads)
     if router_aux_loss_coef is not None:
-        if "num_local_experts" not in shape:
-            moes = ", ".join(name for name, (_, s) in PRESETS.items() if "num_local_experts" in s)
+        if "num_experts_per_tok" not in shape:
+            moes = ", ".join(name for name, (_, s) in PRESETS.items() if "num_experts_per_tok" in s)
             raise UsageError(f"model.router_aux_loss_coef={router_aux_loss_coef} needs a mixture-of-experts preset "
                              f"({moes}); {preset} is dense: set model.router_aux_loss_coef=null")
         shape = dict(shape, router_aux_loss_coef=router_aux_loss_coef)

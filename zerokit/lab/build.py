@@ -72,6 +72,9 @@ def training_model(config, n_layers: int | None = None, precision: str = "fp32",
     cfg = copy.deepcopy(config)
     if n_layers is not None:
         cfg.num_hidden_layers = n_layers
+        kinds = getattr(cfg, "layer_types", None)  # per-layer attention kinds (e.g. Qwen2-MoE), one per layer
+        if kinds:
+            cfg.layer_types = [kinds[i % len(kinds)] for i in range(n_layers)]
     cfg.use_cache = False
     with quiet_transformers():
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
