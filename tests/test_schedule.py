@@ -181,14 +181,16 @@ def test_step_mode_wsd_resume_is_exact(tmp_path):
 @pytest.mark.slow
 def test_timed_resume_spends_the_rest_of_the_budget(tmp_path):
     """A timed run resumed from a mid-run checkpoint trains the rest of the budget (train_seconds carries)."""
-    pretrain(tmp_path / "ref", *TIMED, "train.max_minutes=0.25", "train.checkpoint_every=50", "train.keep_checkpoints=0")
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_50", tmp_path / "step_50")
-    spent = json.loads((tmp_path / "step_50" / "trainer_state.json").read_text())["train_seconds"]
+    pretrain(tmp_path / "ref", *TIMED, "train.max_minutes=0.25", "train.checkpoint_every=20", "train.keep_checkpoints=0")
+    # The first checkpoint: how many steps 15 s hold depends on the machine's load.
+    first = min((tmp_path / "ref" / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    shutil.copytree(first, tmp_path / "mid")
+    spent = json.loads((tmp_path / "mid" / "trainer_state.json").read_text())["train_seconds"]
     assert 0 < spent < 15
-    pretrain(tmp_path / "resumed", *TIMED, "train.max_minutes=0.25", f"resume={tmp_path / 'step_50'}")
+    pretrain(tmp_path / "resumed", *TIMED, "train.max_minutes=0.25", f"resume={tmp_path / 'mid'}")
     s = _summary(tmp_path / "resumed")
     assert 0.98 * 15 <= s["train_seconds"] <= 1.02 * 15 and s["final_lr"] == 1e-4, s
-    assert min(losses(tmp_path / "resumed")) > 50
+    assert min(losses(tmp_path / "resumed")) > int(first.name.split("_")[1])
 
 
 @pytest.mark.slow
