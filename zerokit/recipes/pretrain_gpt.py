@@ -54,11 +54,14 @@ def main(cfg):
     if summary.get("preempted") or summary.get("nothing_to_do"):  # the loop said why; nothing to sample
         return backend
     s = cfg.sample
-    text = sample_text(backend.module, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, info.world_size)
+    text = sample_text(backend.module, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
+                       info.world_size) if s.max_new_tokens else None  # 0: no sample
     if info.is_main:
-        (run_dir / "sample.txt").write_text(text)
+        if text is not None:
+            (run_dir / "sample.txt").write_text(text)
         print(f"\nval_loss {summary['val_loss']:.4f}  val_bpb {summary['val_bpb']:.4f}  "
-              f"{summary['tokens_per_s']:,.0f} tokens/s  {summary['train_seconds']:.0f} s\n--- sample ---\n{text}\n")
+              f"{summary['tokens_per_s']:,.0f} tokens/s  {summary['train_seconds']:.0f} s\n"
+              + (f"--- sample ---\n{text}\n" if text is not None else ""))
     return backend  # for callers that run the recipe in-process (tests, notebooks)
 
 
