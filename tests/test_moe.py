@@ -113,16 +113,12 @@ def test_flops_per_token_use_active_params():
 def test_flops_formula_matches_the_flop_counter(preset):
     """The active-parameter formula against what PyTorch counts: eager experts (transformers' default
     grouped_mm is not counted by FlopCounterMode) and eager attention, as tests/test_flops.py does."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from test_flops import counted_flops_per_token
     seq, batch = 128, 2
     model = build_causal_lm(preset, None, vocab_size=512, block_size=seq, dropout=0.0)
     model.set_attn_implementation("eager")
     model.set_experts_implementation("eager")
-    ids = torch.randint(0, 512, (batch, seq))
-    with FlopCounterMode(display=False) as counter:
-        logits = model(input_ids=ids, use_cache=False).logits
-        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
-    measured = counter.get_total_flops() / (batch * seq)
+    measured = counted_flops_per_token(model, batch, seq)
     assert abs(model_flops_per_token(model, seq) - measured) / measured < 0.01
 
 

@@ -70,6 +70,14 @@ def build_optimizer(model: torch.nn.Module, train, optim=None, *, engine: str = 
     return build_muon(model, lr, betas, eps, wd, optim["muon_lr"], deepspeed=engine == "deepspeed")
 
 
+def closure_loss(closure):
+    """torch's optimizer contract: a closure, when given, re-evaluates the loss (with gradients on)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): one moment m per parameter;
     p <- p(1 - lr*wd) - lr * sign(b1*m + (1-b1)*g), then m <- b2*m + (1-b2)*g. Every element moves by
@@ -80,10 +88,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             (beta1, beta2), lr = group["betas"], group["lr"]
             for p in group["params"]:
@@ -157,10 +162,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.adamw.step()
         self.muon.step()
         return loss
