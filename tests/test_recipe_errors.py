@@ -8,7 +8,8 @@ import sys
 
 
 def _fails_cleanly(args, tmp_path, expect: str):
-    proc = run([sys.executable, PRETRAIN, *TINY, f"run_dir={tmp_path / 'run'}", *args], check=False, timeout=300)
+    proc = run([sys.executable, PRETRAIN, *TINY, "train.max_steps=1", f"run_dir={tmp_path / 'run'}", *args],
+               check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1, proc.stderr[-3000:]
