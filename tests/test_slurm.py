@@ -41,7 +41,12 @@ SETTINGS = ["model.preset=gpt-tiny", "model.dropout=0.0", "data.block_size=32", 
             "data.eval_batches=4", "train.precision=fp32", f"train.max_steps={MAX_STEPS}",
             "train.micro_batch_size=4", "train.grad_accum=1", "train.eval_every=0", "train.log_every=1",
             "train.checkpoint_every=0", "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4",
-            "train.seed=1337", "sample.max_new_tokens=8"]
+            "train.seed=1337", "sample.max_new_tokens=8",
+            # Step-count mode and one thread per rank in every layout: the recipe's defaults are a time budget
+            # (its horizon would follow the clock) and threads from the CPU affinity, which a SLURM job step
+            # (--cpus-per-task 1) and torchrun on this machine see differently; 1 vs 2 threads change the
+            # matmul summation order, and the runs drift apart by 1e-5 within 60 steps at lr 3e-3.
+            "train.max_minutes=0", "train.cpu_threads=1", "train.schedule=cosine"]
 CLI_ARGS = ["--nodes", "2", "--gpus-per-node", "0", "--time", "00:10:00", "--cpus-per-task", "1"]
 
 
