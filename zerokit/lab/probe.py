@@ -73,11 +73,21 @@ _ORIG = {"dropout": F.dropout, "sdpa": F.scaled_dot_product_attention}
 
 class _MetaTruth(TorchFunctionMode):
     """transformers' data-dependent checks ("packed sequences?", "mask all ones?") ask meta
-    tensors for values they do not have; True is the answer for unpadded training batches."""
+    tensors for values they do not have; True is the answer for unpadded training batches.
+    torch's meta kernel of `_grouped_mm` (MoE experts) accepts bf16 only, where the CPU and CUDA
+    kernels also run fp32/fp16: other dtypes go to transformers' fallback op, whose meta kernel has
+    the same output and whose autograd saves the same two tensors."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.__bool__ and args[0].is_meta:
             return True
+        if func is torch._grouped_mm and args[0].is_meta and args[1].dtype != torch.bfloat16:
+            # _grouped_mm(mat_a, mat_b, offs, bias, out_dtype): transformers passes no bias or out_dtype
+            kwargs = kwargs or {}
+            offs = args[2] if len(args) > 2 else kwargs.get("offs")
+            extra = [*args[3:], *(v for k, v in kwargs.items() if k != "offs")]
+            if all(x is None for x in extra):
+                return torch.ops.transformers.grouped_mm_fallback(args[0], args[1], offs)
         return func(*args, **(kwargs or {}))
 
 
