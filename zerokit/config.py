@@ -288,7 +288,7 @@ RULES = {
     "model.sdpa_backend": _choice("auto", "math", "efficient", "flash", "cudnn"),
     "model.kv_heads": _int(1, null=True), "model.router_aux_loss_coef": _num(0, null=True),
     "lora.r": _int(1), "lora.alpha": _num(0, lo_open=True), "lora.dropout": _num(0, 1),
-    "fsdp": _choice("none", "full_shard", "shard_grad_op"), "peft": _choice("none", "lora", "qlora"),
+    "fsdp": _choice("none", "full_shard", "shard_grad_op"), "parallel.tensor": _int(1), "peft": _choice("none", "lora", "qlora"),
     "report_to": _comma_subset("none", "tensorboard", "wandb"), "prometheus_port": _int(0, 65535),
     "sample.max_new_tokens": _int(0), "sample.temperature": _num(0, lo_open=True), "sample.top_k": _int(0),
     "optim.name": _choice("adamw", "lion", "adamw8bit", "lion8bit", "muon"), "optim.muon_lr": _num(0, lo_open=True),

@@ -19,6 +19,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from zerokit.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,10 +28,21 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    tensor_parallel: int = 1  # ranks per tensor-parallel group: consecutive ranks, the inner mesh dimension
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    # Data parallel: the ranks of a tensor-parallel group read the same micro-batches, so the data is
+    # split over these (the outer mesh dimension), not over every rank.
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tensor_parallel
 
 
 def set_cpu_threads(cpu_threads: int | str = "auto") -> None:
@@ -42,9 +55,12 @@ def set_cpu_threads(cpu_threads: int | str = "auto") -> None:
     torch.set_num_threads(int(cpu_threads))
 
 
-def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto") -> DistInfo:
+def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto", tensor_parallel: int = 1) -> DistInfo:
     """Join the process group the launcher describes (a 1-rank group for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tensor_parallel:
+        raise UsageError(f"parallel.tensor={tensor_parallel} does not divide the {world} ranks; launch a multiple of "
+                         f"{tensor_parallel} ranks or choose a tensor-parallel size that divides {world}")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -63,7 +79,7 @@ def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto") 
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None, **single)
-    return DistInfo(rank, world, local_rank, device)
+    return DistInfo(rank, world, local_rank, device, tensor_parallel)
 
 
 def barrier() -> None:

@@ -64,6 +64,8 @@ def train_step(backend, task, window: list[dict], info: DistInfo, lr: float, gua
     With a `guard`, a non-finite loss or gradient is found before the update (zerokit/nonfinite.py):
     skipped (zero loss and targets, no norm returned) or raised as NonFiniteStep."""
     # Normalise by the target count of the whole window on all ranks: accumulation and padding exact.
+    # (With tensor parallelism each group's ranks all count the group's targets: world_size / that count
+    # is still data-parallel size / the data's count, matching the engines' mean over data-parallel ranks.)
     window_targets = all_reduce_sum(sum(num_targets(mb) for mb in window).to(info.device, torch.float64))
     backend.set_lr(lr)
     total = torch.zeros((), dtype=torch.float64, device=info.device)
@@ -132,7 +134,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
     def evaluate() -> dict:
         backend.module.eval()
         with torch.no_grad(), backend.autocast():
-            metrics = task.evaluate(backend.module, info.rank, info.world_size)
+            metrics = task.evaluate(backend.module, info.dp_rank, info.dp_size)
         backend.module.train()
         return metrics
 
@@ -177,6 +179,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
         if step % t.log_every == 0 or step == end_step or step == decision:
             # The one host sync of the interval: losses, memory, and the stop/checkpoint/end decisions.
             loss_sum, n_inputs = all_reduce_sum(interval.clone()).tolist()
+            n_inputs /= info.tensor_parallel  # a tensor-parallel group's ranks all count its tokens
             interval_time = time.perf_counter() - interval_start - paused
             interval_start, paused = time.perf_counter(), 0.0
             ckpt_due = t.checkpoint_every_minutes > 0 and time.time() - last_ckpt_time > 60 * t.checkpoint_every_minutes

@@ -158,6 +158,9 @@ class DeepSpeedBackend:
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, ds: str | dict, optim=None):
         """`ds`: a DeepSpeed JSON's path, or the config accelerate's flags describe (backends.accelerate_deepspeed_config).
         `optim`: the run's optim section (zerokit.optim.build_optimizer)."""
+        if info.tensor_parallel > 1:
+            raise UsageError(f"parallel.tensor={info.tensor_parallel} is not supported with DeepSpeed here (its AutoTP "
+                             f"training is not wired in); use fsdp=full_shard (FSDP2 x tensor parallel) or drop ds_config")
         import deepspeed
         warn_stale_build_locks()
         self.info = info

@@ -16,6 +16,7 @@ from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.models import block_classes
 from zerokit.optim import build_optimizer
+from zerokit.parallelize import split_for_tensor_parallel
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,15 +32,18 @@ class FSDPBackend(LossScaledDCP):
             raise UsageError(f"fsdp must be none, full_shard or shard_grad_op, not '{strategy}'")
         self.info = info
         self.precision = resolve_precision(train.precision, info.device)
-        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        if offload and info.tensor_parallel > 1:
+            raise UsageError("fsdp_offload with parallel.tensor > 1 is not supported; drop one of them")
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision], reduce_dtype=torch.float32) \
             if self.precision in _DTYPES else MixedPrecisionPolicy()
         # full_shard frees gathered weights after forward (ZeRO-3); shard_grad_op keeps them (ZeRO-2).
+        if not offload:
+            model.to(info.device)
+        # Tensor parallelism first (its DTensors are then sharded over the data-parallel dimension: 2-D).
+        mesh = split_for_tensor_parallel(model, info) or init_device_mesh(info.device.type, (info.world_size,))
         kw = dict(mesh=mesh, reshard_after_forward=strategy == "full_shard", mp_policy=mp,
                   offload_policy=CPUOffloadPolicy() if offload else None)
         kw = {k: v for k, v in kw.items() if v is not None}
-        if not offload:
-            model.to(info.device)
         blocks = block_classes(model)
         for m in model.modules():
             if type(m).__name__ in blocks:

@@ -10,7 +10,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from zerokit.backends.common import resolve_precision
 from zerokit.backends.loss_scaling import LossScaledDCP
 from zerokit.dist import DistInfo
+from zerokit.errors import UsageError
 from zerokit.optim import build_optimizer
+from zerokit.parallelize import split_for_tensor_parallel
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,8 +26,13 @@ class PlainBackend(LossScaledDCP):
         self.info = info
         self.precision = resolve_precision(train.precision, info.device)
         self.module = model.to(info.device)
+        if info.tensor_parallel > 1 and info.dp_size > 1:
+            raise UsageError(f"parallel.tensor={info.tensor_parallel} on {info.world_size} ranks leaves {info.dp_size} "
+                             f"data-parallel groups, which DDP cannot serve (it takes no DTensor parameters); "
+                             f"set fsdp=full_shard (or shard_grad_op), or launch {info.tensor_parallel} ranks")
+        split_for_tensor_parallel(model, info)  # tensor parallel only: no data-parallel ranks, so no DDP
         self.model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                         find_unused_parameters=find_unused_parameters) if info.world_size > 1 else model
+                         find_unused_parameters=find_unused_parameters) if info.dp_size > 1 else model
         if train.get("compile"):
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(model, train, optim)
