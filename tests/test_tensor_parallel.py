@@ -29,13 +29,16 @@ def test_refused_settings_get_one_clear_error(monkeypatch):
     with pytest.raises(UsageError, match="Llama-family"):
         check_tensor_parallel(gpt, 2)
     llama = build_causal_lm("llama-tiny", None, 512, 32, 0.0)  # 4 heads, 2 key/value heads, 176 MLP features
-    with pytest.raises(UsageError, match=r"key/value heads \(2\)"):
+    with pytest.raises(UsageError, match=r"key/value heads \(2\)"):  # 4 divides the 4 heads, not the 2
         check_tensor_parallel(llama, 4)
     odd_vocab = build_causal_lm("llama-tiny", None, 512, 32, 0.0)
     odd_vocab.config.vocab_size = 511  # the check reads the config (the module names aside)
     with pytest.raises(UsageError, match=r"vocabulary entries \(511\)"):
         check_tensor_parallel(odd_vocab, 2)
     check_tensor_parallel(llama, 2)  # divides everything
+    from zerokit.parallelize import split_for_tensor_parallel
+    with pytest.raises(UsageError, match="set parallel.tensor > 1"):
+        split_for_tensor_parallel(llama, DistInfo(0, 1, 0, torch.device("cpu")), sequence_parallel=True)
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(UsageError, match="does not divide the 3 ranks"):
         init_distributed(tensor_parallel=2)
@@ -47,34 +50,47 @@ def test_every_split_layer_is_a_linear_of_the_llama_block():
     assert all(isinstance(block.get_submodule(name), torch.nn.Linear) for name in BLOCK_PLAN)
 
 
-@pytest.mark.slow  # a multi-rank launch each: ~45 s on the shared machine
-@pytest.mark.parametrize("overrides,nproc,message", [
-    (["parallel.tensor=2"], 4, "DDP cannot serve"),                       # 2 data-parallel groups, no FSDP
-    (["parallel.tensor=2", "ds_config=zero2.json"], 2, "not supported with DeepSpeed"),
-    (["parallel.tensor=2", "model.preset=gpt-tiny"], 2, "Llama-family"),
-])
-def test_recipe_refuses_with_one_line(tmp_path, overrides, nproc, message):
+def test_engines_refuse_what_they_cannot_serve():
+    """Checked before any collective, so one process can stand for rank 0 of 4."""
+    from zerokit.backends import make_backend
+    from zerokit.config import load_config
+    train = load_config(REPO / "recipes" / "configs" / "pretrain_gpt.yaml", []).train
+    rank0_of_4 = DistInfo(0, 4, 0, torch.device("cpu"), tensor_parallel=2)
+    llama = build_causal_lm("llama-tiny", None, 512, 32, 0.0)
+    with pytest.raises(UsageError, match="DDP cannot serve"):  # 2 data-parallel groups and no FSDP
+        make_backend(llama, train, rank0_of_4)
+    with pytest.raises(UsageError, match="not supported with DeepSpeed"):
+        make_backend(llama, train, rank0_of_4, ds_config="zero2.json")
+    with pytest.raises(UsageError, match="fsdp_offload"):
+        make_backend(llama, train, rank0_of_4, fsdp="full_shard", fsdp_offload=True)
+
+
+@pytest.mark.slow  # a 2-rank launch: ~45 s on the shared machine
+def test_recipe_refuses_with_one_line(tmp_path):
     """Every rank stops with exit 2 and one error line (torchrun then reports the failed ranks itself)."""
-    proc = pretrain(tmp_path / "run", "model.preset=llama-tiny", "train.max_steps=1", *overrides, nproc=nproc,
+    proc = pretrain(tmp_path / "run", "model.preset=gpt-tiny", "train.max_steps=1", "parallel.tensor=2", nproc=2,
                     cache=tmp_path / "cache", check=False, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all(message in line for line in errors), proc.stderr[-3000:]
+    assert errors and all("Llama-family" in line for line in errors), proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr and "exitcode  : 1 " not in proc.stderr, proc.stderr[-3000:]
     assert f'File "{REPO / "zerokit"}' not in proc.stderr, proc.stderr[-3000:]  # no traceback of ours
+    assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow  # four recipe launches (1, 2, 4 and 1 ranks) and two exports: ~4.5 min on the shared machine
+@pytest.mark.slow  # five recipe launches (1, 2, 4, 4 and 1 ranks) and two exports: ~5.5 min on the shared machine
 def test_tensor_parallel_equals_one_process_resumes_and_exports(tmp_path):
     cache = tmp_path / "cache"
-    ref, tp, tp_dp, resumed = (tmp_path / n for n in ("ref", "tp2", "tp2_fsdp2", "resumed"))
+    ref, tp, tp_dp, tp_sp, resumed = (tmp_path / n for n in ("ref", "tp2", "tp2_fsdp2", "tp2_sp_zero2", "resumed"))
     # One process, 2 micro-batches a step = 2 data-parallel groups of 1 micro-batch (the loader deals samples
     # to data-parallel ranks in the order one process accumulates them).
     pretrain(ref, *LLAMA, "train.grad_accum=2", cache=cache)
     pretrain(tp, *LLAMA, "train.grad_accum=2", "parallel.tensor=2", nproc=2, cache=cache)
     pretrain(tp_dp, *LLAMA, "parallel.tensor=2", "fsdp=full_shard", nproc=4, cache=cache)
+    pretrain(tp_sp, *LLAMA, "parallel.tensor=2", "parallel.megatron_sp=true", "fsdp=shard_grad_op", nproc=4,
+             cache=cache)
     want = losses(ref)
     assert sorted(want) == list(range(1, 7))
-    for run_dir in (tp, tp_dp):
+    for run_dir in (tp, tp_dp, tp_sp):
         got = losses(run_dir)
         # If a group's two ranks read different micro-batches, or both data-parallel groups the same ones,
         # the losses leave the reference at step 2.

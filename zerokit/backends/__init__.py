@@ -30,9 +30,11 @@ from zerokit.optim import check_engine
 
 
 def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str | None = None,
-                 fsdp: str = "none", fsdp_offload: bool = False, find_unused_parameters: bool = False, optim=None):
+                 fsdp: str = "none", fsdp_offload: bool = False, find_unused_parameters: bool = False, optim=None,
+                 megatron_sp: bool = False):
     """`find_unused_parameters`: DDP tolerates parameters the loss never reaches (ZeRO and FSDP always do).
-    `optim`: the run's optim section (zerokit.optim.build_optimizer); None is AdamW."""
+    `optim`: the run's optim section (zerokit.optim.build_optimizer); None is AdamW. `megatron_sp`: with
+    tensor parallelism (info.tensor_parallel), split the blocks' norms along the sequence too."""
     # A JSON (ds_config= or --deepspeed_config_file), else accelerate's --use_deepspeed/--zero_stage flags.
     ds = deepspeed_config_path(ds_config) or (accelerate_deepspeed_config() if not ds_config else None)
     if ds and fsdp != "none":
@@ -47,6 +49,6 @@ def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str |
     check_engine((optim or {}).get("name", "adamw"), "fsdp" if fsdp != "none" else "plain")
     if fsdp != "none":
         from zerokit.backends.fsdp import FSDPBackend
-        return FSDPBackend(model, train, info, fsdp, fsdp_offload, optim)
+        return FSDPBackend(model, train, info, fsdp, fsdp_offload, optim, megatron_sp)
     from zerokit.backends.plain import PlainBackend
-    return PlainBackend(model, train, info, find_unused_parameters, optim)
+    return PlainBackend(model, train, info, find_unused_parameters, optim, megatron_sp)

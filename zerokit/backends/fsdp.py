@@ -27,7 +27,8 @@ class FSDPBackend(LossScaledDCP):
     reduce-scattered and accumulated (`to_accumulated_grad_if_needed`, no-sync micro-batches) in fp32."""
     name = "fsdp"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, strategy: str, offload: bool, optim=None):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, strategy: str, offload: bool, optim=None,
+                 megatron_sp: bool = False):
         if strategy not in ("full_shard", "shard_grad_op"):
             raise UsageError(f"fsdp must be none, full_shard or shard_grad_op, not '{strategy}'")
         self.info = info
@@ -40,7 +41,7 @@ class FSDPBackend(LossScaledDCP):
         if not offload:
             model.to(info.device)
         # Tensor parallelism first (its DTensors are then sharded over the data-parallel dimension: 2-D).
-        mesh = split_for_tensor_parallel(model, info) or init_device_mesh(info.device.type, (info.world_size,))
+        mesh = split_for_tensor_parallel(model, info, megatron_sp) or init_device_mesh(info.device.type, (info.world_size,))
         kw = dict(mesh=mesh, reshard_after_forward=strategy == "full_shard", mp_policy=mp,
                   offload_policy=CPUOffloadPolicy() if offload else None)
         kw = {k: v for k, v in kw.items() if v is not None}

@@ -22,7 +22,8 @@ class PlainBackend(LossScaledDCP):
     only inside autocast's matmuls."""
     name = "plain"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, find_unused_parameters: bool = False, optim=None):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, find_unused_parameters: bool = False, optim=None,
+                 megatron_sp: bool = False):
         self.info = info
         self.precision = resolve_precision(train.precision, info.device)
         self.module = model.to(info.device)
@@ -30,7 +31,7 @@ class PlainBackend(LossScaledDCP):
             raise UsageError(f"parallel.tensor={info.tensor_parallel} on {info.world_size} ranks leaves {info.dp_size} "
                              f"data-parallel groups, which DDP cannot serve (it takes no DTensor parameters); "
                              f"set fsdp=full_shard (or shard_grad_op), or launch {info.tensor_parallel} ranks")
-        split_for_tensor_parallel(model, info)  # tensor parallel only: no data-parallel ranks, so no DDP
+        split_for_tensor_parallel(model, info, megatron_sp)  # tensor parallel only: no data-parallel ranks, so no DDP
         self.model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                          find_unused_parameters=find_unused_parameters) if info.dp_size > 1 else model
         if train.get("compile"):

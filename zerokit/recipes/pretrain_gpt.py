@@ -39,7 +39,8 @@ def main(cfg):
                             cfg.model.dropout, cfg.model.grad_ckpt, t.seed, tokenizer.eos_token_id,
                             cfg.model.attn, cfg.model.sdpa_backend, cfg.model.kv_heads,
                             cfg.model.router_aux_loss_coef)
-    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, optim=cfg.optim)
+    backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, optim=cfg.optim,
+                           megatron_sp=cfg.parallel.megatron_sp)
     loader = BlockLoader(data_dir, "train", cfg.data.block_size, t.micro_batch_size, t.grad_accum,
                          info.dp_rank, info.dp_size, t.seed)
     task = PretrainTask(data_dir, cfg.data.block_size, t.micro_batch_size, cfg.data.eval_batches)
