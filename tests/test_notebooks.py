@@ -1,6 +1,7 @@
 """Execute notebooks/ top to bottom (`pytest -m notebooks`), each within 5 minutes, and check what it
 measured: every notebook leaves a SUMMARY dict, read back through one extra cell appended here."""
 import json
+import math
 import time
 from pathlib import Path
 
@@ -83,3 +84,36 @@ def test_05_lora_qlora(tmp_path, data_dir, monkeypatch):
     assert s["weights_mib"]["qlora"] < s["weights_mib"]["lora"], s
     assert all(0.5 <= a <= 1.0 for a in s["accuracy"].values()), s  # a measured accuracy, not a placeholder
     assert s["accuracy"]["lora"] > 0.6, s  # 40 LoRA steps learn something on SST-2
+
+
+@pytest.mark.notebooks
+def test_06_attention_and_generation(tmp_path, data_dir, monkeypatch):
+    s = run_notebook("06_attention_and_generation", tmp_path, data_dir, monkeypatch)
+    peak, lengths = s["attn_peak_mib"], s["lengths"]
+    growth = {impl: p[-1] / p[-2] for impl, p in peak.items()}  # the longest length over half of it
+    assert lengths[-1] == 2 * lengths[-2], lengths
+    # the score matrix takes over: ~x4 per doubling for eager and the math kernel, ~x2 for the fused kernel
+    assert growth["eager"] > 3.3 and growth["sdpa-math"] > 3.3, growth
+    assert 1.6 < growth["sdpa-flash"] < 2.3, growth
+    assert peak["eager"][-1] > 4 * peak["sdpa-flash"][-1] > 0, peak
+    assert peak["eager"][-1] > s["score_matrix_mib"][-1], s  # at least one whole score matrix is live at the peak
+    # KV cache per token: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes, measured and estimated
+    formula = [2 * s["layers"] * kv * s["head_dim"] * s["dtype_bytes"] for kv in s["kv_heads"]]
+    assert s["kv_heads"] == [4, 2, 1] and s["kv_bytes_measured"] == formula == s["kv_bytes_estimator"], s
+    # the short training learned: losses finite and falling, validation better than a uniform guess
+    for losses in s["kv_train_losses"]:
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0, losses
+    assert all(v < math.log(s["vocab"]) for v in s["kv_val_loss"]), s
+    assert max(s["kv_val_bpb"]) < 1.15 * min(s["kv_val_bpb"]), s  # same budget: close quality at this size
+    gen = s["generation"]
+    assert {r["mode"] for r in gen} == {"dynamic", "static", "none", "paged"}, gen
+    assert all(r["same_as_dynamic"] is True for r in gen), gen  # greedy: the cache changes cost, not tokens
+    held = s["prompt_tokens"] + s["new_tokens"] - 1  # the last generated token is never fed back
+    for r in gen:
+        if r["mode"] == "dynamic":
+            assert r["kv_cache_bytes"] == r["batch"] * held * formula[0], r
+        if r["mode"] == "none":
+            assert r["kv_cache_bytes"] == 0, r
+    big = max(r["batch"] for r in gen)
+    decode = {r["mode"]: r["decode_tok_s"] for r in gen if r["batch"] == big}
+    assert decode["dynamic"] > 2 * decode["none"], decode  # without a cache each step re-runs the sequence
