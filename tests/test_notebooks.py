@@ -117,3 +117,28 @@ def test_06_attention_and_generation(tmp_path, data_dir, monkeypatch):
     big = max(r["batch"] for r in gen)
     decode = {r["mode"]: r["decode_tok_s"] for r in gen if r["batch"] == big}
     assert decode["dynamic"] > 2 * decode["none"], decode  # without a cache each step re-runs the sequence
+
+
+@pytest.mark.notebooks
+def test_07_mixture_of_experts(tmp_path, data_dir, monkeypatch):
+    s = run_notebook("07_mixture_of_experts", tmp_path, data_dir, monkeypatch)
+    dense, moe = "llama-tiny", s["moe"]
+    assert s["presets"] == [dense, "moe-tiny", "qwen-moe-tiny"] and moe == s["presets"][1:], s
+    # the estimator's total and active counts equal the model's and the count from the config
+    assert s["est_params"] == s["params"] and s["est_active"] == s["active_by_hand"], s
+    assert s["est_active"][dense] == s["params"][dense], s  # dense: every parameter is active
+    for p in moe:
+        assert s["est_active"][p] < s["params"][p], (p, s)
+        assert s["flops_per_token"][p] < s["flops_per_token"][dense] * s["params"][p] / s["params"][dense], (p, s)
+    # moe-tiny's top-2 of 4 experts of width 88 is the dense MLP's width 176: the same active parameters + the router
+    router = 2 * 64 * 4  # layers x hidden x experts
+    assert s["est_active"]["moe-tiny"] == s["params"][dense] + router, s
+    # the router load in metrics.jsonl: every expert got tokens, each token counted once per chosen expert
+    for p in moe:
+        assert all(n > 0 for layer in s["expert_tokens"][p] for n in layer), (p, s["expert_tokens"][p])
+        assert s["router_lines"][p] == s["steps"] // s["log_every"], s
+        assert all(n == s["expected_per_line"][p] for line in s["assignments_per_line"][p] for n in line), p
+    for p, losses in s["train_losses"].items():
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0, (p, losses)
+        assert s["val_loss"][p] < math.log(s["vocab"]), s  # better than a uniform guess
+        assert s["step_ms"][p] > 0, s
