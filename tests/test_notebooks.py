@@ -2,6 +2,7 @@
 measured: every notebook leaves a SUMMARY dict, read back through one extra cell appended here."""
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -86,9 +87,19 @@ def test_05_lora_qlora(tmp_path, data_dir, monkeypatch):
     assert s["accuracy"]["lora"] > 0.6, s  # 40 LoRA steps learn something on SST-2
 
 
+def check_report(folder: Path, tables: list[str]) -> None:
+    """The report skeleton the notebook wrote: its sections, its tables, and the plots it shows exist."""
+    text = (folder / "report.md").read_text()
+    for heading in ("## Setup", "## Results", "## Observations", *[f"### {t}" for t in tables]):
+        assert heading in text, heading
+    plots = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert plots and all((folder / p).is_file() for p in plots), plots
+
+
 @pytest.mark.notebooks
 def test_06_attention_and_generation(tmp_path, data_dir, monkeypatch):
     s = run_notebook("06_attention_and_generation", tmp_path, data_dir, monkeypatch)
+    check_report(tmp_path / "06_attention_and_generation", ["Summary", "Attention kernels", "MHA / GQA / MQA", "Generation"])
     peak, lengths = s["attn_peak_mib"], s["lengths"]
     growth = {impl: p[-1] / p[-2] for impl, p in peak.items()}  # the longest length over half of it
     assert lengths[-1] == 2 * lengths[-2], lengths
@@ -116,12 +127,13 @@ def test_06_attention_and_generation(tmp_path, data_dir, monkeypatch):
             assert r["kv_cache_bytes"] == 0, r
     big = max(r["batch"] for r in gen)
     decode = {r["mode"]: r["decode_tok_s"] for r in gen if r["batch"] == big}
-    assert decode["dynamic"] > 2 * decode["none"], decode  # without a cache each step re-runs the sequence
+    assert decode["dynamic"] > 1.5 * decode["none"], decode  # without a cache each step re-runs the sequence (3-7x here)
 
 
 @pytest.mark.notebooks
 def test_07_mixture_of_experts(tmp_path, data_dir, monkeypatch):
     s = run_notebook("07_mixture_of_experts", tmp_path, data_dir, monkeypatch)
+    check_report(tmp_path / "07_mixture_of_experts", ["Summary", "Parameters", "Training", "Load per expert"])
     dense, moe = "llama-tiny", s["moe"]
     assert s["presets"] == [dense, "moe-tiny", "qwen-moe-tiny"] and moe == s["presets"][1:], s
     # the estimator's total and active counts equal the model's and the count from the config
