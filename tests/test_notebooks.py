@@ -153,4 +153,4 @@ def test_07_mixture_of_experts(tmp_path, data_dir, monkeypatch):
     for p, losses in s["train_losses"].items():
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0, (p, losses)
         assert s["val_loss"][p] < math.log(s["vocab"]), s  # better than a uniform guess
-        assert s["step_ms"][p] > 0, s
+        assert s["step_ms"][p] > 0 and s["fwd_bwd_ms"][p] > 0, s
