@@ -1,0 +1,137 @@
+"""`zerokit prepare`: planted duplicates and junk are removed at the planted counts, token shards are
+fixed-size, checksummed and byte-exact for every tokenizer kind, a SIGKILLed run resumes to the same
+bytes, and the pre-training recipe trains on a prepared directory."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+import prepare_corpus
+from launch_util import env, metrics, pretrain
+from zerokit.data.prepare import prepare
+from zerokit.data.shards import ShardedTokens
+
+ALL = dict(filters="all", dedup="exact,minhash")
+
+
+def _shards(out: Path, split: str) -> np.ndarray:
+    m = json.loads((out / "manifest.json").read_text())
+    return ShardedTokens(out, m["splits"][split]["shards"], m["dtype"])[np.arange(m["splits"][split]["tokens"])]
+
+
+def _check_counts(m: dict, planted: dict, out: Path) -> None:
+    removed = {s["step"]: s for s in m["steps"]}
+    assert list(removed) == ["gopher_repetition", "gopher_quality", "c4", "fineweb", "exact", "minhash"]
+    for step in ("gopher_repetition", "gopher_quality", "c4", "fineweb", "exact"):  # each kind fails one step
+        assert removed[step]["documents_removed"] == planted[step], (step, removed[step], planted[step])
+        assert removed[step]["bytes_removed"] == planted["planted_bytes"][step], step
+    near = removed["minhash"]["documents_removed"]
+    assert abs(near - planted["near"]) <= 0.05 * planted["near"], (near, planted["near"])
+    assert m["documents_in"] == planted["documents"] and m["bytes_in"] == planted["bytes"]
+    assert m["documents"] == planted["documents"] - sum(s["documents_removed"] for s in m["steps"])
+    assert m["bytes"] == m["bytes_in"] - sum(s["bytes_removed"] for s in m["steps"]) - m["bytes_rewritten_away"]
+    for split, info in m["splits"].items():
+        shards = info["shards"]
+        assert all(s["tokens"] == m["shard_tokens"] for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= m["shard_tokens"]
+        for s in shards:
+            assert hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+        tokens = _shards(out, split)
+        assert (tokens == m["eos_id"]).sum() == info["documents"]  # whole documents, each ending in eos
+        # bits per byte counts what the tokens stand for: the kept text's bytes, exactly
+        assert np.load(out / "token_bytes.npy")[tokens].sum() == info["bytes"], split
+    assert 0 < m["splits"]["val"]["documents"] < m["documents"] // 10
+
+
+@pytest.fixture(scope="module")
+def planted(data_dir, tmp_path_factory):
+    src = tmp_path_factory.mktemp("corpus")
+    return src, prepare_corpus.build(data_dir, src, n_clean=300, files=3)
+
+
+@pytest.fixture(scope="module")
+def prepared(planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "out"
+    prepare(str(planted[0]), out, workers=2, vocab_size=512, shard_tokens=4096, val_fraction=0.05, **ALL)
+    return out
+
+
+def test_planted_duplicates_and_junk_are_counted(planted, prepared):
+    m = json.loads((prepared / "manifest.json").read_text())
+    _check_counts(m, planted[1], prepared)
+    assert m["dtype"] == "uint16" and m["language_id"].startswith("not run")
+    assert AutoTokenizer.from_pretrained(prepared / "tokenizer").vocab_size <= 512
+    # the same settings again: already prepared, nothing redone; other settings: refused
+    t0 = time.perf_counter()
+    assert prepare(str(planted[0]), prepared, workers=2, vocab_size=512, shard_tokens=4096, val_fraction=0.05, **ALL)
+    assert time.perf_counter() - t0 < 5
+    r = subprocess.run([sys.executable, "-m", "zerokit", "prepare", str(planted[0]), str(prepared)],
+                       capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 2 and "other settings" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece_bpe", "sentencepiece_unigram"])
+def test_sentencepiece_tokenizers_are_byte_exact(kind, planted, tmp_path):
+    src = tmp_path / "mixed.jsonl"
+    docs = ["Naïve café — 日本語 🎭\n\n  tabs\tand  spaces\n", "In 1999, 12345 people paid $3.50 (a 10% rise)."]
+    docs += [json.loads(line)["text"] for line in (planted[0] / "part-000.jsonl").read_text().splitlines()[:120]]
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = prepare(str(src), tmp_path / "out", workers=0, tokenizer=kind, vocab_size=600, shard_tokens=1000,
+                  val_fraction=0.1, sample_mb=0.05)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tokenizer"]["spec"] == kind and m["tokenizer"]["sample_mb"] == 0.05
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    lengths = np.load(out / "token_bytes.npy")
+    for split in ("train", "val"):
+        assert lengths[_shards(out, split)].sum() == m["splits"][split]["bytes"]
+    for d in docs[:2]:  # digits one piece each, unseen characters as byte pieces, the text back exactly
+        ids = tok(d, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == d and lengths[ids].sum() == len(d.encode())
+        pieces = tok.convert_ids_to_tokens(ids)
+        assert not any(p.strip("▁").isdigit() and len(p.strip("▁")) > 1 for p in pieces)
+
+
+def test_sigkill_then_rerun_gives_identical_shards(planted, tmp_path):
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "zerokit", "prepare", str(planted[0]), str(out), "--vocab-size", "512",
+                "--shard-tokens", "512", "--val-fraction", "0.05", "--dedup", "exact", "--batch-mb", "0.01",
+                "--workers", "2"]
+    reference = tmp_path / "reference"
+    subprocess.run(cmd(reference), check=True, capture_output=True, env=env(), timeout=300)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    progress = out / ".progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and len(json.loads(progress.read_text())["splits"]["train"]["shards"]) >= 5:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, no clean-up
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it was killed; the test proves nothing"
+    done = len(json.loads(progress.read_text())["splits"]["train"]["shards"])
+    r = subprocess.run(cmd(out), capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref, got = (json.loads((d / "manifest.json").read_text()) for d in (reference, out))
+    assert done < len(got["splits"]["train"]["shards"])
+    assert got["splits"] == ref["splits"]  # shard lists with their sha256
+    for s in ref["splits"]["train"]["shards"] + ref["splits"]["val"]["shards"]:
+        assert (out / s["file"]).read_bytes() == (reference / s["file"]).read_bytes()
+
+
+def test_recipe_trains_on_a_prepared_directory(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    pretrain(run_dir, f"data.corpus={prepared}", "train.max_steps=3", "data.block_size=64", cache=tmp_path / "cache")
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0 < summary["val_bpb"] < 20
+    assert not (tmp_path / "cache" / "data").exists()  # nothing packed again: the prepared shards were read
