@@ -101,17 +101,18 @@ def test_sentencepiece_tokenizers_are_byte_exact(kind, planted, tmp_path):
 def test_sigkill_then_rerun_gives_identical_shards(planted, tmp_path):
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "zerokit", "prepare", str(planted[0]), str(out), "--vocab-size", "512",
-                "--shard-tokens", "512", "--val-fraction", "0.05", "--dedup", "exact", "--batch-mb", "0.01",
+                "--shard-tokens", "2048", "--val-fraction", "0.05", "--dedup", "exact", "--batch-mb", "0.02",
                 "--workers", "2"]
-    reference = tmp_path / "reference"
-    subprocess.run(cmd(reference), check=True, capture_output=True, env=env(), timeout=300)
+    reference = tmp_path / "reference"  # uninterrupted, and in this process: the worker count changes nothing
+    prepare(str(planted[0]), reference, workers=0, batch_mb=0.5, vocab_size=512, shard_tokens=2048,
+            val_fraction=0.05, dedup="exact")
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd(out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     progress = out / ".progress.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if progress.is_file() and len(json.loads(progress.read_text())["splits"]["train"]["shards"]) >= 5:
+        if progress.is_file() and len(json.loads(progress.read_text())["splits"]["train"]["shards"]) >= 3:
             break
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, no clean-up
@@ -135,3 +136,40 @@ def test_recipe_trains_on_a_prepared_directory(prepared, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0 < summary["val_bpb"] < 20
     assert not (tmp_path / "cache" / "data").exists()  # nothing packed again: the prepared shards were read
+
+
+def _peak_rss_mb(cmd: list[str], timeout: float) -> float:
+    """Run `cmd`; the peak of its whole process tree's resident memory (the run and its workers), in MB."""
+    import psutil
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak, deadline, p = 0, time.time() + timeout, psutil.Process(proc.pid)
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            peak = max(peak, sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]))
+        except psutil.Error:  # a worker exited between listing and reading
+            pass
+        time.sleep(0.1)
+    _, err = proc.communicate(timeout=max(1, deadline - time.time()))
+    assert proc.returncode == 0, err[-2000:]
+    return peak / 1e6
+
+
+@pytest.mark.slow
+def test_corpus_of_50mb_counts_and_bounded_memory(data_dir, tmp_path):
+    """D1: a >= 50 MB corpus (ZEROKIT_PREPARE_MB scales it down for a quick look) and one a quarter its size:
+    the planted counts, and peak memory that does not grow with the corpus."""
+    target_mb = float(os.environ.get("ZEROKIT_PREPARE_MB", 50))
+    peaks, sizes = [], []
+    for mb in (target_mb / 4, target_mb):
+        src = tmp_path / f"corpus{mb:g}"
+        planted = prepare_corpus.build(data_dir, src, n_clean=int(mb * 1e6 / 1.85e3), files=8, seed=int(mb))
+        out = tmp_path / f"out{mb:g}"
+        peaks.append(_peak_rss_mb([sys.executable, "-m", "zerokit", "prepare", str(src), str(out), "--workers", "2",
+                                   "--filters", "all", "--dedup", "--vocab-size", "4096", "--sample-mb", "5",
+                                   "--shard-tokens", str(1 << 20), "--batch-mb", "1"], timeout=3600))
+        sizes.append(planted["bytes"] / 1e6)
+        _check_counts(json.loads((out / "manifest.json").read_text()), planted, out)
+    assert sizes[1] >= min(50, target_mb)
+    print(f"peak RSS (run + 2 workers): {peaks[0]:.0f} MB at {sizes[0]:.1f} MB of text, {peaks[1]:.0f} MB at {sizes[1]:.1f} MB")
+    assert max(peaks) < 1500  # the bound: 3 Python processes with datatrove, tokenizers, a 5 MB sample
+    assert peaks[1] < peaks[0] * 1.15 + 30  # 4x the corpus, about the same memory
