@@ -173,3 +173,27 @@ def test_corpus_of_50mb_counts_and_bounded_memory(data_dir, tmp_path):
     print(f"peak RSS (run + 2 workers): {peaks[0]:.0f} MB at {sizes[0]:.1f} MB of text, {peaks[1]:.0f} MB at {sizes[1]:.1f} MB")
     assert max(peaks) < 1500  # the bound: 3 Python processes with datatrove, tokenizers, a 5 MB sample
     assert peaks[1] < peaks[0] * 1.15 + 30  # 4x the corpus, about the same memory
+
+
+def test_sources_txt_jsonl_gz_parquet_and_glob(planted, tmp_path):
+    """Each file kind gives the documents written into it, in sorted-file order, through a folder or a glob."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zerokit.data.sources import iter_documents
+    texts = [json.loads(line)["text"] for line in (planted[0] / "part-000.jsonl").read_text().splitlines()[:30]]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(texts[0])
+    with gzip.open(src / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts[1:10]))
+    pq.write_table(pa.table({"text": texts[10:], "n": list(range(20))}), src / "c.parquet", row_group_size=7)
+    (src / "notes.md").write_text("not a corpus file")
+    assert list(iter_documents(str(src))) == texts
+    assert list(iter_documents(str(src / "*.parquet"))) == texts[10:]
+    out = prepare(str(src), tmp_path / "out", workers=0, vocab_size=300, shard_tokens=1 << 16, val_fraction=0.1)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["documents_in"] == m["documents"] == 30 and m["bytes"] == sum(len(t.encode()) for t in texts)
+    assert m["splits"]["val"]["documents"] == 3

@@ -10,8 +10,9 @@ Three streaming passes over the source (zerokit.data.sources), in worker process
                last complete shard and writes the same bytes
 OUT_DIR/manifest.json is written last (a prepared directory is complete when it exists): counts of
 documents, bytes and tokens, what each step removed, the shards' checksums, the tokenizer and filters.
-Memory: about 2 x workers x batch_mb of text in flight, one shard buffer per split, the tokenizer sample,
-and ~32 bytes a document while duplicates are resolved; the per-document records live on disk.
+Memory: about 2 x workers x batch_mb of text in flight (and the largest single document), one shard buffer
+per split, the tokenizer sample, and ~32 bytes a document while duplicates are resolved; the
+per-document records live on disk.
 """
 from __future__ import annotations
 
@@ -247,7 +248,7 @@ def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float 
     if manifest_path.is_file():
         log.info("already prepared: %s", out)
         return out
-    if out.exists() and not (out / ".work").is_dir() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or not (out / ".work").is_dir() and any(out.iterdir())):
         raise UsageError(f"{out} exists and is not a prepared directory; use a new or empty OUT_DIR")
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
