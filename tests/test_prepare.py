@@ -197,3 +197,27 @@ def test_sources_txt_jsonl_gz_parquet_and_glob(planted, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["documents_in"] == m["documents"] == 30 and m["bytes"] == sum(len(t.encode()) for t in texts)
     assert m["splits"]["val"]["documents"] == 3
+
+
+def test_recipe_path_trains_sentencepiece_on_a_sample(data_dir, tmp_path):
+    """The recipe's own (unprepared) path: data.tokenizer=sentencepiece_unigram trains on the first
+    data.tokenizer_sample_mb of the training text, and its packed shards count bytes exactly."""
+    from zerokit.config import Config
+    from zerokit.data.packed import read_index
+    from zerokit.pretraining import prepare_data
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:200_000] + "Año 2024: 12 €.\n")
+    cfg = Config(corpus=str(corpus), text_field="text", tokenizer="sentencepiece_unigram", vocab_size=600,
+                 val_fraction=0.1, tokenizer_sample_mb=0.05)
+    tok, packed = prepare_data(cfg, tmp_path / "cache")
+    assert "▁the" in tok.get_vocab() and "<0x0A>" in tok.get_vocab()
+    index, lengths = read_index(packed), np.load(packed / "token_bytes.npy")
+    for split in ("train", "val"):
+        ids = np.fromfile(packed / f"{split}.bin", dtype=index["dtype"])
+        assert lengths[ids].sum() == index["splits"][split]["bytes"], split
+    # the cache key hashes the training text: the first 50 kB of the training split gives the same entry
+    from zerokit.data.packed import corpus_texts
+    from zerokit.data.tokenizer import take_sample, train_tokenizer
+    again = train_tokenizer(take_sample(corpus_texts(corpus), 0.05), 600, tmp_path / "cache" / "tokenizers",
+                            "sentencepiece_unigram")
+    assert again == Path(tok.name_or_path) and again.name.startswith("tokenizer-sp-unigram600-")

@@ -255,7 +255,8 @@ def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float 
     t0 = time.perf_counter()
     batch_chars = int(batch_mb * 1e6)
     init = (workers, s["filters"], s["dedup"])
-    pool = _Pool(*init, None)
+    # without filters or dedup the first two passes only count bytes: no worker would earn its start-up
+    pool = _Pool(workers if s["filters"] or s["dedup"] else 0, s["filters"], s["dedup"], None)
     try:
         info = _pass_analyse(s, work, pool, batch_chars)
         log.info("prepare: analysed %d documents in %.1f s", info["documents_in"], time.perf_counter() - t0)
