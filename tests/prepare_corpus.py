@@ -23,9 +23,12 @@ def _summaries(data_dir: Path) -> list[str]:
 
 def _clean(rng: random.Random, summaries: list[str]) -> str:
     names = rng.sample(NAMES, 3)
+    sizes = [rng.randint(3, 4) for _ in range(rng.randint(3, 4))]
+    picked = rng.sample(summaries, sum(sizes))  # no summary twice in a document (Gopher counts repeats)
     paras = []
-    for _ in range(rng.randint(3, 4)):
-        text = " ".join(rng.sample(summaries, rng.randint(3, 4)))
+    for n in sizes:
+        text = " ".join(picked[:n])
+        picked = picked[n:]
         for k, name in enumerate(names, 1):
             text = text.replace(f"#Person{k}#", name)
         paras.append(re.sub(r"#Person\d#", "Someone", text))
@@ -49,10 +52,10 @@ def _junk(kind: str, rng: random.Random, summaries: list[str]) -> str:
     raise ValueError(kind)
 
 
-def _near(rng: random.Random, doc: str) -> str:
+def _near(rng: random.Random, doc: str, k: int) -> str:
+    """`doc` with one word changed to one no other near copy has (two copies of one document stay distinct)."""
     words = doc.split(" ")
-    i = len(words) // 2 + rng.randint(-3, 3)
-    words[i] = "zebra" if words[i] != "zebra" else "giraffe"
+    words[len(words) // 2 + rng.randint(-3, 3)] = f"zebra{k}"
     return " ".join(words)
 
 
@@ -71,10 +74,10 @@ def build(data_dir: Path, out: Path, n_clean: int, seed: int = 0, rates: dict | 
     for kind, rate in rates.items():
         n = round(n_clean * rate)
         counts[kind], planted_bytes[kind] = n, 0
-        for _ in range(n):
+        for k in range(n):
             if kind in ("exact", "near"):
                 j = rng.randrange(n_clean)
-                text = clean[j] if kind == "exact" else _near(rng, clean[j])
+                text = clean[j] if kind == "exact" else _near(rng, clean[j], k)
                 docs.append((rng.uniform(j + 0.5, n_clean), text))
             else:
                 text = _junk(kind, rng, summaries)

@@ -221,3 +221,16 @@ def test_recipe_path_trains_sentencepiece_on_a_sample(data_dir, tmp_path):
     again = train_tokenizer(take_sample(corpus_texts(corpus), 0.05), 600, tmp_path / "cache" / "tokenizers",
                             "sentencepiece_unigram")
     assert again == Path(tok.name_or_path) and again.name.startswith("tokenizer-sp-unigram600-")
+
+
+def test_step_names_are_checked(tmp_path):
+    from zerokit.data import quality
+    from zerokit.errors import UsageError
+    assert quality.parse("fineweb, gopher_quality", quality.FILTERS, "filter") == ["gopher_quality", "fineweb"]
+    assert quality.parse("all", quality.DEDUP, "dedup method") == ["exact", "minhash"]
+    with pytest.raises(UsageError, match="unknown filter langid; choose from gopher_repetition"):
+        quality.parse("c4,langid", quality.FILTERS, "filter")
+    with pytest.raises(UsageError, match="not a prepared directory"):
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x" / "keep.txt").write_text("user data")
+        prepare("tinyshakespeare", tmp_path / "x", workers=0)
