@@ -157,8 +157,9 @@ def _pass_analyse(s: dict, work: Path, pool: _Pool, batch_chars: int) -> dict:
                        "bytes_removed": int(n_bytes[status == j + 1].sum())} for j, n in enumerate(names)],
             "splits": {name: {"documents": int((split == c).sum()), "bytes": int(n_bytes[split == c].sum())}
                        for c, name in SPLITS.items()}}
-    # bytes the line filters cut from documents they kept (c4): a step's removal that is not a document
-    info["bytes_rewritten_away"] = int((rec["bytes_in"] - rec["bytes"])[split > 0].sum())
+    # bytes the line filters (c4) cut from the documents they passed on, whether a later step kept them or not:
+    # bytes_in = kept bytes + every step's bytes_removed + this
+    info["bytes_rewritten_away"] = int((rec["bytes_in"] - rec["bytes"]).sum())
     atomic_json(done, info)
     return info
 
