@@ -318,7 +318,8 @@ def prepare_main(argv: list[str]) -> int:
     p.add_argument("source", help="a .txt/.jsonl/.jsonl.gz/.parquet file, a folder or glob of them, or a datasets name")
     p.add_argument("out_dir", help="the prepared directory (a rerun with the same arguments resumes it)")
     p.add_argument("--dedup", nargs="?", const="exact,minhash", default="",
-                   help="duplicate removal: exact, minhash, or both (the default when given bare)")
+                   help="duplicate removal: exact, minhash, or both (the default when given bare; a bare "
+                        "--dedup goes after SOURCE OUT_DIR, or write --dedup=exact,minhash)")
     p.add_argument("--filters", default="", help="comma list of " + ", ".join(quality.FILTERS) + ", or all")
     p.add_argument("--tokenizer", default="train", help="train (byte-level BPE), sentencepiece_bpe, "
                    "sentencepiece_unigram, a tokenizer directory or a hub name")
