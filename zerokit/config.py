@@ -280,7 +280,7 @@ RULES = {
     "train.max_minutes": _num(0),
     "data.vocab_size": _int(258), "data.block_size": _int(1), "data.val_fraction": _num(0, 1, lo_open=True),
     "data.eval_batches": _int(0), "data.max_length": _int(1), "data.max_target_length": _int(1),
-    "data.num_labels": _int(2), "data.eval_batch_size": _int(1),
+    "data.num_labels": _int(2), "data.eval_batch_size": _int(1), "data.tokenizer_sample_mb": _num(0, lo_open=True, null=True),
     "eval.strategy": _choice("greedy", "beam"), "eval.num_beams": _int(1), "eval.max_new_tokens": _int(1),
     "eval.batch_size": _int(1), "eval.max_samples": _int(1, null=True),
     "model.preset": _presets(), "model.dropout": _num(0, 1, null=True),
@@ -367,11 +367,13 @@ def _check_pretrained(cfg: Config, defaults: Config) -> None:
     name, tokenizer = lookup(cfg, "model.name_or_path"), lookup(cfg, "data.tokenizer")
     if tokenizer is MISSING:
         return
-    if name and tokenizer == "train":
-        raise UsageError(f"model.name_or_path={name} needs its own tokenizer, but data.tokenizer=train would train a "
+    from zerokit.data.spm import KINDS  # light: config checks must not import transformers
+    trained = ("train", *KINDS)
+    if name and tokenizer in trained:
+        raise UsageError(f"model.name_or_path={name} needs its own tokenizer, but data.tokenizer={tokenizer} would train a "
                          f"new vocabulary its weights do not know; set data.tokenizer={name}")
     vocab, default_vocab = lookup(cfg, "data.vocab_size"), lookup(defaults, "data.vocab_size")
-    if tokenizer != "train" and vocab is not MISSING and vocab != default_vocab:
+    if tokenizer not in trained and vocab is not MISSING and vocab != default_vocab:
         log.warning("data.vocab_size=%s is ignored: it sizes a tokenizer trained on the corpus, and "
                     "data.tokenizer=%s brings its own vocabulary", vocab, tokenizer)
 

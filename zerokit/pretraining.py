@@ -29,12 +29,17 @@ def prepare_data(data, cache: Path):
     from transformers import AutoTokenizer
 
     from zerokit.data.packed import corpus_texts, pack_corpus, source_fingerprint
-    from zerokit.data.tokenizer import get_tokenizer
+    from zerokit.data.prepare import is_prepared
+    from zerokit.data.tokenizer import TRAIN_KINDS, get_tokenizer, take_sample
     from zerokit.locks import exclusive
+    if is_prepared(data.corpus):  # `zerokit prepare` output: its own tokenizer and shards, nothing to do
+        corpus = Path(str(data.corpus)).expanduser()
+        log.info("prepared corpus %s (its tokenizer; data.tokenizer and data.vocab_size do not apply)", corpus)
+        return AutoTokenizer.from_pretrained(corpus / "tokenizer"), corpus
     tok_spec = str(data.tokenizer)
     source = source_fingerprint(data.corpus)
-    inputs = {"source": source, "text_field": data.text_field, "val_fraction": data.val_fraction, "tokenizer": tok_spec,
-              "vocab_size": data.vocab_size if tok_spec == "train" else None,
+    inputs = {"source": source, "text_field": data.text_field, "sample_mb": data.get("tokenizer_sample_mb"), "val_fraction": data.val_fraction, "tokenizer": tok_spec,
+              "vocab_size": data.vocab_size if tok_spec in TRAIN_KINDS else None,
               "tokenizer_files": source_fingerprint(tok_spec) if Path(tok_spec).expanduser().is_dir() else None}
     memo = cache / "prepared" / (hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20] + ".json")
     with exclusive(memo):
@@ -43,7 +48,8 @@ def prepare_data(data, cache: Path):
             if (Path(hit["data"]) / "index.json").is_file() and Path(hit["tokenizer"]).is_dir():
                 log.info("data cache hit (source unchanged): %s", hit["data"])
                 return AutoTokenizer.from_pretrained(hit["tokenizer"]), Path(hit["data"])
-        train_texts = corpus_texts(data.corpus, data.text_field, data.val_fraction) if tok_spec == "train" else None
+        train_texts = take_sample(corpus_texts(data.corpus, data.text_field, data.val_fraction),
+                                  data.get("tokenizer_sample_mb")) if tok_spec in TRAIN_KINDS else None
         tok_dir, tokenizer = get_tokenizer(data.tokenizer, train_texts, data.vocab_size, cache / "tokenizers")
         data_dir = pack_corpus(data.corpus, tok_dir, tokenizer, cache / "data", data.val_fraction, data.text_field)
         if source is not None:  # a hub dataset has no cheap fingerprint: it is read (datasets caches it) each time

@@ -1,8 +1,16 @@
-"""Data: tokenizer training/loading, corpus packing into token shards, and the training / eval loaders."""
-from zerokit.data.packed import BlockLoader, corpus_texts, eval_batches, pack_corpus, read_index
-from zerokit.data.tokenizer import get_tokenizer, token_byte_lengths, tokenizer_hash, train_tokenizer
+"""Data: tokenizer training/loading, corpus packing into token shards, and the training / eval loaders.
 
-__all__ = [
-    "BlockLoader", "corpus_texts", "eval_batches", "get_tokenizer", "pack_corpus", "read_index",
-    "token_byte_lengths", "tokenizer_hash", "train_tokenizer",
-]
+The names load on first use (PEP 562): `zerokit prepare`'s worker processes import zerokit.data.* modules
+and must not pay for torch and transformers, which packed and tokenizer import."""
+import importlib
+
+_WHERE = {"BlockLoader": "packed", "corpus_texts": "packed", "eval_batches": "packed", "pack_corpus": "packed",
+          "read_index": "packed", "get_tokenizer": "tokenizer", "token_byte_lengths": "tokenizer",
+          "tokenizer_hash": "tokenizer", "train_tokenizer": "tokenizer"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'zerokit.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"zerokit.data.{_WHERE[name]}"), name)

@@ -256,8 +256,10 @@ def pack_corpus(
 
 
 def read_index(data_dir: str | Path) -> dict:
-    """index.json of a packed directory."""
+    """index.json of a packed directory, or manifest.json of a prepared one (zerokit prepare)."""
     path = Path(data_dir) / "index.json"
+    if not path.is_file() and (Path(data_dir) / "manifest.json").is_file():
+        path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise UsageError(f"{data_dir} is not a packed data directory (no index.json); create it with pack_corpus")
     return json.loads(path.read_text())
@@ -267,6 +269,9 @@ def _open_split(data_dir: str | Path, split: str) -> np.memmap:
     index = read_index(data_dir)
     if split not in index["splits"]:
         raise UsageError(f"no split {split!r} in {data_dir}; use one of {sorted(index['splits'])}")
+    if "shards" in index["splits"][split]:  # a prepared directory: the split's shards as one array
+        from zerokit.data.shards import ShardedTokens
+        return ShardedTokens(data_dir, index["splits"][split]["shards"], index["dtype"])
     return np.memmap(Path(data_dir) / f"{split}.bin", dtype=index["dtype"], mode="r")
 
 
