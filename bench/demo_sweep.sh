@@ -6,6 +6,9 @@
 #
 # As run for docs/demo_tuning.md (2026-12-01, one round after another, the grid of each below):
 #   r1 1.5, r2 3, r3 3, r4 3, r5 3, final 4.5 (PYTHON=/work/main/.venv/bin/python, PYTHONPATH=checkout)
+#   then, at equal compute in step-count mode (MINUTES=steps; each line sets train.max_steps; writes
+#   OUT_DIR/steps.tsv with CPU user seconds a step on one thread, a 10-step run of the point subtracted):
+#   m1 steps, m2 steps
 #
 # The machine (2 cores) was shared with three other engineers whose test bursts moved the demo's
 # throughput between ~1k and ~9k tokens/s within a minute, so candidates run one after another would
@@ -60,14 +63,15 @@ old-defaults-final   train.schedule=cosine train.lr=3e-3 train.warmup_steps=100 
 new-defaults-final
 GRID
     ;;
+    # m1 as run: m1-muon-0.05 and m1-llama were stopped at ~170 steps (load 11-13) so the other two could finish
     m1) cat <<'GRID'  # equal steps (600, a screen): Muon (fp32 Newton-Schulz on the CPU) and a Llama shape against AdamW
-m1-adamw             train.max_steps=600
+m1-adamw             train.max_steps=600 optim.name=adamw
 m1-muon-0.02         train.max_steps=600 optim.name=muon
 m1-muon-0.05         train.max_steps=600 optim.name=muon optim.muon_lr=0.05
-m1-llama             train.max_steps=600 model.preset=llama-demo
+m1-llama             train.max_steps=600 optim.name=adamw model.preset=llama-demo
 GRID
     ;;
-    m2) cat <<'GRID'  # Muon at the demo's compute: 1,666 quiet AdamW steps / 1.15 (Muon's step cost in m1) ~ 1,400 steps
+    m2) cat <<'GRID'  # Muon at the demo's compute: 1,666 quiet AdamW steps / 1.20 (m1: 0.2907 / 0.2416 CPU s a step) ~ 1,400
 m2-muon-1400         train.max_steps=1400 optim.name=muon
 GRID
     ;;
