@@ -8,7 +8,7 @@
 #   r1 1.5, r2 3, r3 3, r4 3, r5 3, final 4.5 (PYTHON=/work/main/.venv/bin/python, PYTHONPATH=checkout)
 #   then, at equal compute in step-count mode (MINUTES=steps; each line sets train.max_steps; writes
 #   OUT_DIR/steps.tsv with CPU user seconds a step on one thread, a 10-step run of the point subtracted):
-#   m1 steps, m2 steps
+#   m1 steps, m2 steps, m3 steps, m4 steps
 #
 # The machine (2 cores) was shared with three other engineers whose test bursts moved the demo's
 # throughput between ~1k and ~9k tokens/s within a minute, so candidates run one after another would
@@ -73,6 +73,14 @@ GRID
     ;;
     m2) cat <<'GRID'  # Muon at the demo's compute: 1,666 quiet AdamW steps / 1.20 (m1: 0.2907 / 0.2416 CPU s a step) ~ 1,400
 m2-muon-1400         train.max_steps=1400 optim.name=muon
+GRID
+    ;;
+    m3) cat <<'GRID'  # the Llama shape under Muon, at m1's 600 steps (compare with m1-muon-0.02)
+m3-llama-muon        train.max_steps=600 optim.name=muon model.preset=llama-demo
+GRID
+    ;;
+    m4) cat <<'GRID'  # m3's llama-demo under Muon at the quiet demo's compute: 1,666 x 0.2416 / 0.2987 (m3) ~ 1,350
+m4-llama-muon-1350   train.max_steps=1350 optim.name=muon model.preset=llama-demo
 GRID
     ;;
     *) echo "unknown round $1" >&2; exit 2 ;;
