@@ -6,6 +6,9 @@
 #
 # As run for docs/demo_tuning.md (2026-12-01, one round after another, the grid of each below):
 #   r1 1.5, r2 3, r3 3, r4 3, r5 3, final 4.5 (PYTHON=/work/main/.venv/bin/python, PYTHONPATH=checkout)
+#   then, at equal compute in step-count mode (MINUTES=steps; each line sets train.max_steps; writes
+#   OUT_DIR/steps.tsv with CPU user seconds a step on one thread, a 10-step run of the point subtracted):
+#   m1 steps, m2 steps, m3 steps, m4 steps
 #
 # The machine (2 cores) was shared with three other engineers whose test bursts moved the demo's
 # throughput between ~1k and ~9k tokens/s within a minute, so candidates run one after another would
@@ -60,10 +63,60 @@ old-defaults-final   train.schedule=cosine train.lr=3e-3 train.warmup_steps=100 
 new-defaults-final
 GRID
     ;;
+    # m1 as run: m1-muon-0.05 and m1-llama were stopped at ~170 steps (load 11-13) so the other two could finish
+    m1) cat <<'GRID'  # equal steps (600, a screen): Muon (fp32 Newton-Schulz on the CPU) and a Llama shape against AdamW
+m1-adamw             train.max_steps=600 optim.name=adamw
+m1-muon-0.02         train.max_steps=600 optim.name=muon
+m1-muon-0.05         train.max_steps=600 optim.name=muon optim.muon_lr=0.05
+m1-llama             train.max_steps=600 optim.name=adamw model.preset=llama-demo
+GRID
+    ;;
+    m2) cat <<'GRID'  # Muon at the demo's compute: 1,666 quiet AdamW steps / 1.20 (m1: 0.2907 / 0.2416 CPU s a step) ~ 1,400
+m2-muon-1400         train.max_steps=1400 optim.name=muon
+GRID
+    ;;
+    m3) cat <<'GRID'  # the Llama shape under Muon, at m1's 600 steps (compare with m1-muon-0.02)
+m3-llama-muon        train.max_steps=600 optim.name=muon model.preset=llama-demo
+GRID
+    ;;
+    m4) cat <<'GRID'  # m3's llama-demo under Muon at the quiet demo's compute: 1,666 x 0.2416 / 0.2987 (m3) ~ 1,350
+m4-llama-muon-1350   train.max_steps=1350 optim.name=muon model.preset=llama-demo
+GRID
+    ;;
     *) echo "unknown round $1" >&2; exit 2 ;;
     esac
 }
 
+if [ "$minutes" = steps ]; then  # equal compute: each line sets train.max_steps (its share of the budget)
+    [ -f "$out/steps.tsv" ] || printf 'round\tname\tsteps\tcpu_s_per_step\tval_bpb\tload_before\tload_after\toverrides\n' > "$out/steps.tsv"
+    steps_point() {  # name overrides...: CPU user seconds of the run minus a 10-step run's, per step
+        local name=$1; shift
+        local before after u10 un
+        before=$(cut -d' ' -f1-3 /proc/loadavg)
+        for n in 10 full; do
+            local cap=""; [ $n = full ] || cap="train.max_steps=10"
+            # shellcheck disable=SC2086
+            /usr/bin/time -f %U -o "$out/$name.$n.time" "$py" recipes/pretrain_gpt.py run_dir="$out/$name-$n" resume=none \
+                train.max_minutes=0 train.cpu_threads=1 train.eval_every=0 train.checkpoint_every=0 sample.max_new_tokens=0 \
+                "$@" $cap > "$out/$name-$n.log" 2>&1 || { echo "$name failed: see $out/$name-$n.log" >&2; return 0; }
+        done
+        after=$(cut -d' ' -f1-3 /proc/loadavg)
+        "$py" - "$out/$name-full/summary.json" "$out/$name.10.time" "$out/$name.full.time" "$round" "$name" "$before" "$after" "$*" \
+            >> "$out/steps.tsv" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+u10, un = (float(open(f).read().split()[-1]) for f in sys.argv[2:4])
+print("\t".join([*sys.argv[4:6], str(s["step"]), f"{(un - u10) / (s['step'] - 10):.4f}", f"{s['val_bpb']:.4f}", *sys.argv[6:]]))
+PY
+    }
+    while read -r name overrides; do
+        # shellcheck disable=SC2086
+        [ -z "$name" ] || steps_point "$name" $overrides &
+    done < <(grid "$round")
+    wait
+    column -t -s $'\t' "$out/steps.tsv"
+    exit 0
+fi
 [ -f "$out/results.tsv" ] || printf 'round\tname\tsteps\ttrain_s\tval_bpb\tload_before\tload_after\toverrides\n' > "$out/results.tsv"
 run_point() {  # name overrides...
     local name=$1; shift

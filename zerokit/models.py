@@ -47,6 +47,10 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "gpt2-1.5b": (GPT2Config, dict(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257, **_GPT2)),
     "llama-tiny": (LlamaConfig, dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                      intermediate_size=176, max_position_embeddings=128, vocab_size=512, **_LLAMA)),
+    # gpt-demo's size as a Llama (RoPE, SwiGLU, RMSNorm, no biases): SwiGLU width 344 ~ GPT's 4x MLP weights; tied head.
+    "llama-demo": (LlamaConfig, dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
+                                     intermediate_size=344, max_position_embeddings=128, vocab_size=1024,
+                                     **{**_LLAMA, "tie_word_embeddings": True})),
     "llama-120m": (LlamaConfig, dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
                                      intermediate_size=2048, max_position_embeddings=1024, vocab_size=32000, **_LLAMA)),
     # Mixture of experts, gpt-tiny / gpt-demo sizes: 4 (8) experts, top-2; experts 1.375x (2x) the hidden size.

@@ -142,6 +142,32 @@ def build_muon(model, lr, betas, eps, weight_decay, muon_lr, deepspeed: bool = F
     return MuonWithAuxAdam(groups)  # AdamW for the rest inline (its adam_update), on ZeRO's flat partitions
 
 
+class Fp32Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in fp32, for the CPU: torch's runs it in bf16, which
+    on a CPU without bf16 matrix units (this machine's EPYC) made the iteration 19x slower than fp32 and the
+    demo's whole step 5x slower (1.24 against 0.23 CPU s). Same state (`momentum_buffer`), same update."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure_loss(closure)
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            a, b, c = group["ns_coefficients"]
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - group["momentum"])
+                x = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                x = x.T if x.size(0) > x.size(1) else x
+                x = x / x.norm().clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                x = x.T if g.size(0) > g.size(1) else x
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(x, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        return loss
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW and torch.optim.Muon as one optimizer: one param_groups list (AdamW's first, so
     group 0 carries the schedule's own lr) and one state, so gradient clipping, GradScaler and DCP
@@ -150,7 +176,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, adam_groups, muon_groups, *, lr, betas, eps, on_cuda: bool = False):
         self.adamw = torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None,
                                        foreach=None if on_cuda else True)
-        self.muon = torch.optim.Muon(muon_groups, lr=lr * muon_groups[0]["lr_scale"], momentum=MUON_MOMENTUM)
+        muon = torch.optim.Muon if on_cuda else Fp32Muon
+        self.muon = muon(muon_groups, lr=lr * muon_groups[0]["lr_scale"], momentum=MUON_MOMENTUM)
         super().__init__(self.adamw.param_groups + self.muon.param_groups, {})
         self._share()
 

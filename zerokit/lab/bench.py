@@ -113,7 +113,7 @@ def point_name(p: dict) -> str:
 
 def point_overrides(p: dict) -> list[str]:
     """The recipe overrides of one sweep point."""
-    out = []
+    out = ["optim.name=adamw"]  # the recipe's Muon runs on neither FSDP2, ZeRO-3 nor offload: every point steps AdamW
     offload = p.get("offload", "none") != "none"  # expand() keeps only the offload each engine's config has
     if p.get("fsdp", "none") != "none":
         out += [f"fsdp={p['fsdp']}", f"fsdp_offload={str(offload).lower()}"]

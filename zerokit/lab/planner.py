@@ -189,7 +189,7 @@ def launch_command(model: str, c: Candidate, gpus: int, nodes: int, seq: int, pr
             f"recipes/pretrain_gpt.py model.preset={model} data.block_size={seq} data.vocab_size={config.vocab_size} "
             f"train.micro_batch_size={c.micro_batch} train.grad_accum={c.grad_accum} "
             f"model.grad_ckpt={'true' if c.grad_ckpt == 'full' else 'false' if c.grad_ckpt == 'none' else c.grad_ckpt}"
-            f"{extra} train.precision={precision}")
+            f"{extra} train.precision={precision} optim.name=adamw")  # the plan counts AdamW's state
 
 
 def check_verifiable(nodes: int, peft: str) -> None:
