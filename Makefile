@@ -1,6 +1,6 @@
 # The two commands a newcomer needs (each sets up .venv first; quick when already done):
 #   make demo   train the GPT demo on tiny-shakespeare for 4.5 minutes of training time (the main job);
-#               bit-reproducible by steps instead: make demo ARGS="train.max_minutes=0 train.max_steps=1000"
+#               bit-reproducible by steps instead: make demo ARGS="train.max_minutes=0 train.max_steps=1350"
 #   make test   the default test suite (<= 15 min on 2 cores)
 # CI (.ci/run) runs `make test`, then `make test-slurm test-notebooks test-slow`.
 PY := .venv/bin/python
