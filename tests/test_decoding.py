@@ -187,3 +187,23 @@ def test_generate_text_detokenizes_after_the_prompt(minilm_tok):
     ref = greedy_loop(model, prompt, 8)
     got = generate_text(model, tok, [prompt], max_new_tokens=8, sources=[DIALOGUE])
     assert got == [detokenize(tok, ref, DIALOGUE)]
+
+
+def test_encoder_decoder_bans_only_its_own_output(bpe):
+    """Seq2seq: the ban looks at the decoder's tokens after its start token, which is what transformers' own
+    processor sees there (the encoder input is no part of them)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+    _, tok = bpe
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=None)).eval()
+    ids = tok("#Person1#: Hello, how are you doing today?")["input_ids"]
+    got = generate_text(model, tok, [ids], max_new_tokens=12, no_repeat_ngram_size=2)
+    plain = generate_text(model, tok, [ids], max_new_tokens=12)
+    want = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=12, no_repeat_ngram_size=2, do_sample=False, num_beams=1,
+                          pad_token_id=tok.pad_token_id)[0]
+    assert got == [tok.decode(want, skip_special_tokens=True).strip()] and got != plain
