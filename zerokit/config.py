@@ -283,6 +283,7 @@ RULES = {
     "data.num_labels": _int(2), "data.eval_batch_size": _int(1), "data.tokenizer_sample_mb": _num(0, lo_open=True, null=True),
     "eval.strategy": _choice("greedy", "beam"), "eval.num_beams": _int(1), "eval.max_new_tokens": _int(1),
     "eval.batch_size": _int(1), "eval.max_samples": _int(1, null=True),
+    "eval.no_repeat_ngram_size": _int(0), "eval.repetition_penalty": _num(0, lo_open=True), "eval.length_penalty": _num(-5, 5, hi_open=False),
     "model.preset": _presets(), "model.dropout": _num(0, 1, null=True),
     "model.attn": _choice("eager", "sdpa", "flash"),
     "model.sdpa_backend": _choice("auto", "math", "efficient", "flash", "cudnn"),

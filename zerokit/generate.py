@@ -19,7 +19,10 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
 from zerokit.data.batches import pad
+from zerokit.detokenize import detokenize
 from zerokit.errors import UsageError
 from zerokit.models import eval_mode
 
@@ -33,17 +36,26 @@ def _dist_world() -> int:
 def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], strategy: str = "greedy",
                   max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
                   num_beams: int = 4, seed: int | None = None, batch_size: int = 8,
-                  synced_gpus: bool | None = None) -> list[str]:
+                  synced_gpus: bool | None = None, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
+                  length_penalty: float = 1.0, sources: Sequence[str] | None = None) -> list[str]:
     """Continuations (prompt not included) of `prompts`, text or token-id lists, one string each.
 
     synced_gpus=None turns it on when torch.distributed is initialised with more than one rank;
     then every rank of the group must call this function (the prompt lists may differ).
     `seed` seeds sampling without disturbing the caller's RNG state.
+    no_repeat_ngram_size (0: off) and repetition_penalty (1: off) look at the generated tokens only, so a
+    summary may copy the prompt's words; length_penalty is beam search's (>1 favours longer outputs).
+    WordPiece output is spaced and cased after `sources` (one text per prompt; default: text prompts
+    themselves), see zerokit/detokenize.py.
     """
     if strategy not in STRATEGIES:
         raise UsageError(f"unknown generation strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if max_new_tokens < 1 or batch_size < 1 or (strategy == "beam" and num_beams < 1):
         raise UsageError("max_new_tokens, batch_size and num_beams must be >= 1")
+    if no_repeat_ngram_size < 0 or not repetition_penalty > 0:
+        raise UsageError(f"no_repeat_ngram_size must be >= 0 and repetition_penalty > 0 (got {no_repeat_ngram_size}, {repetition_penalty})")
+    if sources is not None and len(sources) != len(prompts):
+        raise UsageError(f"{len(sources)} sources for {len(prompts)} prompts; give one source text per prompt")
     if strategy == "sample" and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
         raise UsageError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
     eos = tokenizer.eos_token_id
@@ -52,6 +64,8 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
         raise UsageError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     ids = [list(p) if not isinstance(p, str) else tokenizer(p)["input_ids"] for p in prompts]
+    if sources is None:
+        sources = [p if isinstance(p, str) else None for p in prompts]
     # A decoder-only model needs a token to continue from: bos, else eos (GPT-2 trains with eos as bos).
     start = next(t for t in (tokenizer.bos_token_id, eos, pad_id) if t is not None)
     ids = [p if p else [start] for p in ids]
@@ -76,7 +90,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
     if strategy == "greedy":
         kwargs.update(do_sample=False, num_beams=1)
     elif strategy == "beam":
-        kwargs.update(do_sample=False, num_beams=num_beams, early_stopping=True)
+        kwargs.update(do_sample=False, num_beams=num_beams, early_stopping=True, length_penalty=length_penalty)
     else:
         kwargs.update(do_sample=True, num_beams=1, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -92,10 +106,35 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], stra
             chunk = chunk or [ids[0] if ids else [pad_id]]  # throw-away batch for the collective
             input_ids = pad(chunk, pad_id, side).to(device)
             mask = pad([[1] * len(c) for c in chunk], 0, side).to(device)
-            seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            # A decoder-only output starts after the (left-padded) prompt, an encoder-decoder one after its start token.
+            prompt_len = 1 if encoder_decoder else input_ids.size(1)
+            seqs = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs,
+                                  logits_processor=repetition_processors(no_repeat_ngram_size, repetition_penalty, prompt_len))
             new = seqs if encoder_decoder else seqs[:, input_ids.size(1):]
-            out += [tokenizer.decode(s, skip_special_tokens=True).strip() for s in new[:real]]
+            out += [detokenize(tokenizer, s.tolist(), src) for s, src in zip(new[:real], sources[b * batch_size:])]
     return out
+
+
+class GeneratedNoRepeatNGram(NoRepeatNGramLogitsProcessor):
+    """transformers' no-repeat-n-gram ban over the generated tokens only: its own processor also bans every
+    n-gram of a decoder-only model's prompt, so a summary could not repeat a name the dialogue spells twice."""
+
+    def __init__(self, ngram_size: int, prompt_len: int):
+        super().__init__(ngram_size)
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids, scores):
+        return super().__call__(input_ids[:, self.prompt_len:], scores)
+
+
+def repetition_processors(no_repeat_ngram_size: int, repetition_penalty: float, prompt_len: int) -> LogitsProcessorList:
+    """The logits processors of both settings, looking at the tokens after the first `prompt_len` only."""
+    procs = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty), prompt_ignore_length=prompt_len))
+    if no_repeat_ngram_size > 0:
+        procs.append(GeneratedNoRepeatNGram(no_repeat_ngram_size, prompt_len))
+    return procs
 
 
 @contextlib.contextmanager
@@ -131,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0, help="never repeat a generated n-gram of this size (0: off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="divide repeated tokens' logits by this (1: off)")
+    p.add_argument("--length_penalty", type=float, default=1.0, help="beam search: >1 favours longer outputs, <1 shorter")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=None)
@@ -195,7 +237,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         return benchmark_main(args, model, tokenizer)
     outs = generate_text(model, tokenizer, args.prompt, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                         seed=args.seed, batch_size=args.batch_size, synced_gpus=False)
+                         seed=args.seed, batch_size=args.batch_size, synced_gpus=False,
+                         no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=args.repetition_penalty,
+                         length_penalty=args.length_penalty)
     for i, (prompt, text) in enumerate(zip(args.prompt, outs)):
         if args.jsonl:
             print(json.dumps({"prompt": prompt, "completion": text}))

@@ -53,7 +53,8 @@ class SummarizationTask:
                  prompt_template: str = "Summarize the dialogue.\n{dialogue}\nSummary:",
                  dialogue_column: str = "dialogue", summary_column: str = "summary", encoder_decoder: bool = False,
                  max_eval_samples: int | None = None, eval_batch_size: int = 8, max_new_tokens: int = 96,
-                 strategy: str = "greedy", num_beams: int = 4, predictions_path: str | os.PathLike | None = None):
+                 strategy: str = "greedy", num_beams: int = 4, predictions_path: str | os.PathLike | None = None,
+                 no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0, length_penalty: float = 1.0):
         if prompt_template.count("{dialogue}") != 1:
             raise UsageError(f"prompt_template must contain '{{dialogue}}' exactly once, got {prompt_template!r}")
         if tokenizer.eos_token_id is None:
@@ -62,6 +63,8 @@ class SummarizationTask:
         self.max_length, self.max_target_length = max_length, max_target_length
         self.max_eval_samples, self.eval_batch_size = max_eval_samples, eval_batch_size
         self.max_new_tokens, self.strategy, self.num_beams = max_new_tokens, strategy, num_beams
+        self.decoding = dict(no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                             length_penalty=length_penalty)
         self.predictions_path = predictions_path  # the loop may set this before each evaluate()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         head, tail = prompt_template.split("{dialogue}")
@@ -155,10 +158,11 @@ class SummarizationTask:
         n = len(recs)
         mine = list(range(rank, n, world_size))
         prompts = [self.prompt_ids(recs[i][0], self.max_new_tokens) for i in mine]
-        # generate_text equalises the number of generate calls across ranks itself.
+        # generate_text equalises the number of generate calls across ranks itself; WordPiece summaries take
+        # their spacing and casing from the dialogue (#Person1#, names).
         preds = generate_text(model, self.tokenizer, prompts, strategy=self.strategy, num_beams=self.num_beams,
                               max_new_tokens=self.max_new_tokens, batch_size=self.eval_batch_size,
-                              synced_gpus=dist_active(world_size))
+                              synced_gpus=dist_active(world_size), sources=[recs[i][0] for i in mine], **self.decoding)
         dev = model_device(model)
         r = rouge_sums(preds, [recs[i][1] for i in mine])
         loss_sum, n_tok = self._val_loss_sums(model, recs, rank, world_size)

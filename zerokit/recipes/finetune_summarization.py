@@ -27,7 +27,9 @@ def main(cfg):
                                  dialogue_column=d.dialogue_column, summary_column=d.summary_column,
                                  encoder_decoder=encoder_decoder, max_eval_samples=e.max_samples,
                                  eval_batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, strategy=e.strategy,
-                                 num_beams=e.num_beams, predictions_path=Path(cfg.run_dir) / "predictions.jsonl")
+                                 num_beams=e.num_beams, predictions_path=Path(cfg.run_dir) / "predictions.jsonl",
+                                 no_repeat_ngram_size=e.no_repeat_ngram_size, repetition_penalty=e.repetition_penalty,
+                                 length_penalty=e.length_penalty)
 
     def report(s):
         print(f"\nROUGE-1 {s['rouge1']:.2f}  ROUGE-2 {s['rouge2']:.2f}  ROUGE-L {s['rougeL']:.2f}  "
