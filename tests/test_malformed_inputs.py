@@ -91,7 +91,7 @@ CASES = [
     case("pretrain-corpus-binary", "pretrain", ["data.corpus={tmp}/blob.txt"], ["not UTF-8", "convert it to UTF-8"], {"blob.txt": BINARY}),
     case("pretrain-corpus-jsonl-malformed", "pretrain", ["data.corpus={tmp}/c.jsonl"], ["c.jsonl:2", "not valid JSON"],
          {"c.jsonl": '{"text": "one"}\n{"text": \n'}),
-    case("pretrain-corpus-jsonl-no-field", "pretrain", ["data.corpus={tmp}/c.jsonl"], ["c.jsonl:1", "set text_field"],
+    case("pretrain-corpus-jsonl-no-field", "pretrain", ["data.corpus={tmp}/c.jsonl"], ["c.jsonl:1", "set data.text_field"],
          {"c.jsonl": '{"body": "one"}\n{"body": "two"}\n'}),
     case("pretrain-corpus-empty-folder", "pretrain", ["data.corpus={tmp}/corpus"], ["no .txt or .jsonl files", "corpus"], {"corpus/": None}),
     # fine-tuning files

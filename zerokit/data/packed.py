@@ -41,19 +41,8 @@ _CUT = re.compile(r"\S\n(?=\S)")
 # ---------------------------------------------------------------------------------------------- sources
 
 def _read_jsonl(path: Path, fields: list[str]) -> list[str]:
-    docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl corpus must be one JSON object") from e
-        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in fields):
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise UsageError(f"{path}:{n}: text field(s) {','.join(fields)} missing or not text (line has {keys}); set text_field")
-        docs.append("\n".join(row[f] for f in fields))
-    return docs
+    from zerokit.data.sources import _jsonl_lines  # one reader of JSONL corpora (sources imports this module)
+    return list(_jsonl_lines(path, fields))
 
 
 def _load_hub(spec: str, fields: list[str]) -> tuple[str, list[str], str]:

@@ -56,7 +56,9 @@ def _jsonl_lines(path: Path, fields: list[str]) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl corpus must be one JSON object") from e
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
-                raise UsageError(f"{path}:{n}: text field(s) {','.join(fields)} missing or not text; set --text-field")
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise UsageError(f"{path}:{n}: text field(s) {','.join(fields)} missing or not text (line has {keys}); "
+                                 f"set data.text_field (zerokit prepare: --text-field)")
             yield "\n".join(row[k] for k in fields)
 
 
