@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from zerokit.data.records import jsonl_texts
 from zerokit.data.tokenizer import token_byte_lengths, tokenizer_hash
 from zerokit.errors import UsageError
 
@@ -41,8 +42,7 @@ _CUT = re.compile(r"\S\n(?=\S)")
 # ---------------------------------------------------------------------------------------------- sources
 
 def _read_jsonl(path: Path, fields: list[str]) -> list[str]:
-    from zerokit.data.sources import _jsonl_lines  # one reader of JSONL corpora (sources imports this module)
-    return list(_jsonl_lines(path, fields))
+    return list(jsonl_texts(path, fields))
 
 
 def _load_hub(spec: str, fields: list[str]) -> tuple[str, list[str], str]:

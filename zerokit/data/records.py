@@ -3,10 +3,11 @@ or a list of dicts, as a list of dicts; and their columns, checked."""
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from zerokit.errors import UsageError
 
@@ -137,3 +138,21 @@ def read_columns(spec, split: str, columns: Sequence[tuple[str, type]]) -> tuple
     where = f"{spec if not isinstance(spec, (list, tuple)) else 'records'} ({split})"
     return where, [column(recs, col, where, kind) for col, kind in columns]
 
+
+def jsonl_texts(path: Path, fields: list[str]) -> Iterator[str]:
+    """The text of each line of a .jsonl(.gz) corpus: its `fields` joined by newlines (the pre-training recipe
+    and `zerokit prepare` read corpora through this one reader)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl corpus must be one JSON object") from e
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise UsageError(f"{path}:{n}: text field(s) {','.join(fields)} missing or not text (line has {keys}); "
+                                 f"set data.text_field (zerokit prepare: --text-field)")
+            yield "\n".join(row[k] for k in fields)

@@ -8,11 +8,10 @@ so two passes over an unchanged source see the same documents at the same positi
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 from pathlib import Path
 from typing import Iterator
 
+from zerokit.data.records import jsonl_texts
 from zerokit.errors import UsageError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
@@ -45,21 +44,6 @@ def source_files(source: str) -> list[Path] | None:
     return files
 
 
-def _jsonl_lines(path: Path, fields: list[str]) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); each line of a .jsonl corpus must be one JSON object") from e
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise UsageError(f"{path}:{n}: text field(s) {','.join(fields)} missing or not text (line has {keys}); "
-                                 f"set data.text_field (zerokit prepare: --text-field)")
-            yield "\n".join(row[k] for k in fields)
 
 
 def _parquet_rows(path: Path, fields: list[str]) -> Iterator[str]:
@@ -103,7 +87,7 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
         elif kind == ".parquet":
             yield from _parquet_rows(f, fields)
         else:
-            yield from _jsonl_lines(f, fields)
+            yield from jsonl_texts(f, fields)
 
 
 def fingerprint(source: str) -> list | None:
