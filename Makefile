@@ -2,7 +2,8 @@
 #   make demo   train the GPT demo on tiny-shakespeare for 4.5 minutes of training time (the main job);
 #               bit-reproducible by steps instead: make demo ARGS="train.max_minutes=0 train.max_steps=1350"
 #   make test   the default test suite (<= 15 min on 2 cores)
-# CI (.ci/run) runs `make test`, then `make test-slurm test-notebooks test-slow`.
+# CI (.ci/run) runs `make test` with the slow cases added (-m "not slurm and not notebooks"), then
+# `make test-slurm test-notebooks`.
 PY := .venv/bin/python
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export HF_HUB_OFFLINE ?= 1
