@@ -1,0 +1,109 @@
+"""Pipeline parallel (`parallel.pipeline` > 1), with DDP across the data-parallel replicas of each stage.
+
+Each rank holds one stage (zerokit/pipeline.py) and its optimizer. An accumulation window's micro-batches
+go through the GPipe or 1F1B schedule in one call (`run_window`, which replaces the loop's
+per-micro-batch forward/backward); the loss is computed on the last stage and summed over the pipeline,
+so every rank reports its replica's loss. The gradient norm is the whole model's: each stage's sum of
+squares, all-reduced over the pipeline group (torch's clip_grad_norm_ would see one stage only), then
+clipped with it. Checkpoints are DCP's, every stage writing its own parameters under the full model's
+names, the optimizer state flattened per parameter name (torchtitan does the same for pipelines).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from zerokit.backends.common import resolve_precision
+from zerokit.backends.plain import PlainBackend
+from zerokit.dist import DistInfo
+from zerokit.errors import UsageError
+from zerokit.optim import build_optimizer
+from zerokit.pipeline import PipelinedLM, Stage, build_schedule, check_pipeline, stage_layers
+
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class PipelineBackend(PlainBackend):
+    """fp32 or bf16 autocast (as the plain backend); no fp16 loss scaling, no torch.compile."""
+    name = "pipeline"
+
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, schedule: str = "1f1b", optim=None):
+        pp = info.pipeline_parallel
+        self.info = info
+        self.precision = resolve_precision(train.precision, info.device)
+        if self.precision == "fp16":
+            raise UsageError("parallel.pipeline > 1 with train.precision=fp16 is not supported (no loss scaling "
+                             "through the schedule); set train.precision=bf16 or fp32")
+        if train.get("compile"):
+            raise UsageError("parallel.pipeline > 1 with train.compile=true is not supported; set train.compile=false")
+        check_pipeline(model, pp, schedule, train.grad_accum)
+        mesh = init_device_mesh(info.device.type, (pp, info.dp_size), mesh_dim_names=("pp", "dp"))
+        self.pp_group = mesh["pp"].get_group()
+        layers = stage_layers(model, pp)
+        self.pipeline_stage = Stage(model, layers[info.pp_rank], info.pp_rank, pp).to(info.device)
+        self.layers = layers
+        self.module = PipelinedLM(self.pipeline_stage, self.pp_group)
+        self.model = DDP(self.pipeline_stage, process_group=mesh["dp"].get_group(), device_ids=[info.device.index]
+                         if info.device.type == "cuda" else None) if info.dp_size > 1 else self.pipeline_stage
+        self.schedule = build_schedule(self.model, self.pipeline_stage, self.pp_group, info.device, schedule,
+                                       train.grad_accum, self._loss)
+        self.optimizer = build_optimizer(self.pipeline_stage, train, optim)
+        self.grad_clip = train.grad_clip
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=False)  # the shared skip/save code reads it
+        self.skipped_updates = 0
+        self._scale, self._loss_sums = None, []
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss on the last stage, per micro-batch: the summed token loss, normalised as the
+        loop normalises every backend's (by the window's targets over all ranks, times the world size)."""
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        scaled = loss_sum * self._scale
+        self._loss_sums[id(scaled)] = loss_sum.detach()
+        return scaled
+
+    def run_window(self, window: list[dict], scale: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of the window's micro-batches through the schedule; this replica's summed
+        loss, the same on every stage."""
+        device = self.info.device
+        x = torch.cat([mb["input_ids"] for mb in window]).to(device)
+        y = torch.cat([mb["targets"] for mb in window]).to(device) if self.pipeline_stage.is_last else None
+        self._scale, self._loss_sums, losses = scale, {}, []
+        with self.autocast():
+            self.schedule.step(*([x] if self.pipeline_stage.is_first else []), target=y, losses=losses)
+        # The micro-batches' own losses: the first step's shape inference calls the loss too, on no data.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for loss in losses:
+            total += self._loss_sums[id(loss)]
+        dist.all_reduce(total, group=self.pp_group)
+        return total
+
+    def step(self) -> torch.Tensor:
+        params = [p for p in self.pipeline_stage.parameters() if p.requires_grad]
+        grads = [p.grad for p in params if p.grad is not None]
+        local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.info.device)
+        squares = local.double() ** 2
+        dist.all_reduce(squares, group=self.pp_group)  # DDP already made the replicas' gradients equal
+        norm = squares.sqrt().float()
+        torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, path) -> None:
+        msd, osd = get_state_dict(self.pipeline_stage, self.optimizer, options=_FLAT)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(path) / "dcp"))
+
+    def load(self, path) -> None:
+        msd, osd = get_state_dict(self.pipeline_stage, self.optimizer, options=_FLAT)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(Path(path) / "dcp"))
+        set_state_dict(self.pipeline_stage, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_FLAT)
