@@ -170,10 +170,9 @@ class PipelinedLM(nn.Module):
         return ids
 
 
-def build_schedule(stage_module: nn.Module, stage: Stage, group: dist.ProcessGroup, device: torch.device,
+def build_schedule(stage_module: nn.Module, group: dist.ProcessGroup, device: torch.device,
                    kind: str, micro_batches: int, loss_fn):
-    """The torch.distributed.pipelining schedule of this rank's stage (`stage_module`: the stage, or its
-    DDP wrapper). Gradients are not rescaled: `loss_fn` already normalises by the window's targets."""
+    """The torch.distributed.pipelining schedule of this rank's stage `stage_module`. Gradients are not rescaled: `loss_fn` already normalises by the window's targets."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     ranks = dist.get_process_group_ranks(group)
     pipe_stage = PipelineStage(stage_module, ranks.index(dist.get_rank()), len(ranks), device, group=group)

@@ -1,9 +1,11 @@
-"""Pipeline parallel (`parallel.pipeline` > 1), with DDP across the data-parallel replicas of each stage.
+"""Pipeline parallel (`parallel.pipeline` > 1), data parallel across the replicas of each stage.
 
 Each rank holds one stage (zerokit/pipeline.py) and its optimizer. An accumulation window's micro-batches
 go through the GPipe or 1F1B schedule in one call (`run_window`, which replaces the loop's
 per-micro-batch forward/backward); the loss is computed on the last stage and summed over the pipeline,
-so every rank reports its replica's loss. The gradient norm is the whole model's: each stage's sum of
+so every rank reports its replica's loss. The replicas of a stage then average their gradients in one
+all-reduce over the data-parallel group (what DDP computes; DDP itself fails inside the schedule: its
+reducer's bucket rebuild after the first step asserts on the pipeline's split backward, torch 2.13). The gradient norm is the whole model's: each stage's sum of
 squares, all-reduced over the pipeline group (torch's clip_grad_norm_ would see one stage only), then
 clipped with it. Checkpoints are DCP's, every stage writing its own parameters under the full model's
 names, the optimizer state flattened per parameter name (torchtitan does the same for pipelines).
@@ -19,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from zerokit.backends.common import resolve_precision
 from zerokit.backends.plain import PlainBackend
@@ -51,9 +53,9 @@ class PipelineBackend(PlainBackend):
         self.pipeline_stage = Stage(model, layers[info.pp_rank], info.pp_rank, pp).to(info.device)
         self.layers = layers
         self.module = PipelinedLM(self.pipeline_stage, self.pp_group)
-        self.model = DDP(self.pipeline_stage, process_group=mesh["dp"].get_group(), device_ids=[info.device.index]
-                         if info.device.type == "cuda" else None) if info.dp_size > 1 else self.pipeline_stage
-        self.schedule = build_schedule(self.model, self.pipeline_stage, self.pp_group, info.device, schedule,
+        self.dp_group = mesh["dp"].get_group()
+        self.model = self.pipeline_stage
+        self.schedule = build_schedule(self.model, self.pp_group, info.device, schedule,
                                        train.grad_accum, self._loss)
         self.optimizer = build_optimizer(self.pipeline_stage, train, optim)
         self.grad_clip = train.grad_clip
@@ -88,9 +90,15 @@ class PipelineBackend(PlainBackend):
     def step(self) -> torch.Tensor:
         params = [p for p in self.pipeline_stage.parameters() if p.requires_grad]
         grads = [p.grad for p in params if p.grad is not None]
+        if self.info.dp_size > 1:  # the replicas' mean gradient, in one flat buffer
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= self.info.dp_size
+            for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(mean)
         local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.info.device)
         squares = local.double() ** 2
-        dist.all_reduce(squares, group=self.pp_group)  # DDP already made the replicas' gradients equal
+        dist.all_reduce(squares, group=self.pp_group)  # the replicas' gradients are equal now
         norm = squares.sqrt().float()
         torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf, norm)
         self.optimizer.step()
