@@ -88,8 +88,8 @@ def test_engines_refuse_what_they_cannot_serve():
     rank0_of_2 = DistInfo(0, 2, 0, torch.device("cpu"), pipeline_parallel=2)
     with pytest.raises(UsageError, match="drop the DeepSpeed config"):
         make_backend(llama(), train, rank0_of_2, ds_config="zero1.json")
-    with pytest.raises(UsageError, match="drop fsdp=full_shard"):
-        make_backend(llama(), train, rank0_of_2, fsdp="full_shard")
+    with pytest.raises(UsageError, match="drop fsdp_offload"):
+        make_backend(llama(), train, rank0_of_2, fsdp="full_shard", fsdp_offload=True)
     train.precision = "fp16"
     with pytest.raises(UsageError, match="train.precision=bf16 or fp32"):
         make_backend(llama(), train, rank0_of_2)
@@ -115,25 +115,28 @@ def _worst(got: dict, want: dict, steps) -> tuple[float, float]:
     return max(loss), max(norm)
 
 
-@pytest.mark.slow  # one process, a 4-rank launch, a 2-rank launch of 3 runs: ~1.5 min on the shared machine
+@pytest.mark.slow  # one process, a 4-rank launch of 2 runs, a 2-rank launch of 3: ~1.5 min on the shared machine
 def test_pipeline_equals_one_process_resumes_and_exports(tmp_path):
     cache = tmp_path / "cache"
-    dirs = {n: tmp_path / n for n in ("ref", "gpipe", "1f1b", "pp2_dp2", "resumed")}
+    dirs = {n: tmp_path / n for n in ("ref", "gpipe", "1f1b", "pp2_dp2", "pp2_fsdp2", "resumed")}
     # One process, 4 micro-batches a step; the pipelines run the same 4 (2 a step per replica with dp=2: the
     # loader deals samples to data-parallel ranks in the order one process accumulates them).
     pretrain(dirs["ref"], *LLAMA, "train.grad_accum=4", f"train.checkpoint_every={STEPS}", cache=cache)
     half = STEPS // 2
-    pretrain_many([[*LLAMA, "train.grad_accum=2", "parallel.pipeline=2", f"train.checkpoint_every={half}",
-                    f"run_dir={dirs['pp2_dp2']}"]], nproc=4, cache=cache, workdir=tmp_path)
-    # Both schedules on 2 ranks, and the 4-rank run's step-5 checkpoint resumed by a pipeline without replicas.
+    # 2 stages x 2 replicas: replicated (gradients all-reduced), and FSDP2-sharded over the replicas.
+    pretrain_many([[*LLAMA, "train.grad_accum=2", "parallel.pipeline=2", f"run_dir={dirs['pp2_dp2']}"],
+                   [*LLAMA, "train.grad_accum=2", "parallel.pipeline=2", "fsdp=full_shard",
+                    f"train.checkpoint_every={half}", f"run_dir={dirs['pp2_fsdp2']}"]], nproc=4, cache=cache,
+                  workdir=tmp_path)
+    # Both schedules on 2 ranks, and the FSDP run's step-5 checkpoint resumed by a pipeline without replicas.
     pipe = [*LLAMA, "train.grad_accum=4", "parallel.pipeline=2"]
     pretrain_many([*([*pipe, f"parallel.pipeline_schedule={kind}", f"run_dir={dirs[kind]}"] for kind in ("gpipe", "1f1b")),
-                   [*pipe, f"run_dir={dirs['resumed']}", f"resume={dirs['pp2_dp2'] / 'checkpoints' / f'step_{half}'}"]],
+                   [*pipe, f"run_dir={dirs['resumed']}", f"resume={dirs['pp2_fsdp2'] / 'checkpoints' / f'step_{half}'}"]],
                   nproc=2, cache=cache, workdir=tmp_path)
     want = _steps(dirs["ref"])
     assert sorted(want) == list(range(1, STEPS + 1))
     table = {}
-    for name in ("gpipe", "1f1b", "pp2_dp2"):
+    for name in ("gpipe", "1f1b", "pp2_dp2", "pp2_fsdp2"):
         table[name] = _worst(_steps(dirs[name]), want, range(1, STEPS + 1))
     table["resumed"] = _worst(_steps(dirs["resumed"]), want, range(half + 1, STEPS + 1))
     print("max relative difference (loss, grad norm) vs one process:", json.dumps(table))
@@ -141,16 +144,16 @@ def test_pipeline_equals_one_process_resumes_and_exports(tmp_path):
     # far more (a stage's share of the norm, a zero loss, another batch's loss).
     for name, (loss_rel, norm_rel) in table.items():
         assert loss_rel <= 1e-5 and norm_rel <= 1e-5, (name, table)
-    summaries = {n: json.loads((dirs[n] / "summary.json").read_text()) for n in ("ref", "gpipe", "1f1b", "pp2_dp2")}
-    for n in ("gpipe", "1f1b", "pp2_dp2"):
+    summaries = {n: json.loads((dirs[n] / "summary.json").read_text()) for n in ("ref", "gpipe", "1f1b", "pp2_fsdp2")}
+    for n in ("gpipe", "1f1b", "pp2_fsdp2"):
         assert summaries[n]["tokens_seen"] == summaries["ref"]["tokens_seen"]
     for n in ("gpipe", "1f1b"):  # the evaluation runs the pipeline forward (with dp=2 it reads other batches)
         assert math.isclose(summaries[n]["val_loss"], summaries["ref"]["val_loss"], rel_tol=1e-5), (n, summaries)
-    assert summaries["pp2_dp2"]["world_size"] == 4 and summaries["pp2_dp2"]["backend"] == "pipeline"
+    assert summaries["pp2_fsdp2"]["world_size"] == 4 and summaries["pp2_fsdp2"]["backend"] == "pipeline"
 
-    # What `zerokit export` reads (zerokit.export.checkpoint_weights): the stages' shards merge into the whole
-    # model, the plain run's weights. (`zerokit export` of this checkpoint, run by hand: the same within 3.8e-7.)
-    got = checkpoint_weights(dirs["pp2_dp2"] / "checkpoints" / f"step_{STEPS}")
+    # What `zerokit export` reads (zerokit.export.checkpoint_weights): the stages' FSDP shards merge into the
+    # whole model, the plain run's weights. (`zerokit export` of a pipeline checkpoint, run by hand: within 3.8e-7.)
+    got = checkpoint_weights(dirs["pp2_fsdp2"] / "checkpoints" / f"step_{STEPS}")
     want_weights = checkpoint_weights(dirs["ref"] / "checkpoints" / f"step_{STEPS}")
     assert got.keys() == want_weights.keys() == build_causal_lm("llama-tiny", None, 512, 32, 0.0).state_dict().keys()
     for name, weight in want_weights.items():  # AdamW amplifies summation-order noise (see test_tensor_parallel)

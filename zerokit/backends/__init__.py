@@ -45,13 +45,12 @@ def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str |
         raise UsageError("accelerate launch --use_fsdp is not read by zerokit; drop it and set fsdp=full_shard "
                          "(or fsdp=shard_grad_op) in the run config")
     if info.pipeline_parallel > 1:
-        if ds or fsdp != "none":
-            raise UsageError(f"parallel.pipeline={info.pipeline_parallel} runs with DDP across the data-parallel "
-                             f"replicas only; drop {'the DeepSpeed config' if ds else 'fsdp=' + fsdp} (or set "
-                             f"parallel.pipeline=1)")
-        check_engine((optim or {}).get("name", "adamw"), "plain")
+        if ds or fsdp_offload:
+            raise UsageError(f"parallel.pipeline={info.pipeline_parallel} runs with data parallel or FSDP2 across the "
+                             f"replicas; drop {'the DeepSpeed config' if ds else 'fsdp_offload'} (or set parallel.pipeline=1)")
+        check_engine((optim or {}).get("name", "adamw"), "fsdp" if fsdp != "none" else "plain")
         from zerokit.backends.pipeline import PipelineBackend
-        return PipelineBackend(model, train, info, pipeline_schedule, optim)
+        return PipelineBackend(model, train, info, pipeline_schedule, optim, fsdp)
     if ds:
         from zerokit.backends.deepspeed import DeepSpeedBackend
         return DeepSpeedBackend(model, train, info, ds, optim)

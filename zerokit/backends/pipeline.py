@@ -12,7 +12,6 @@ names, the optimizer state flattened per parameter name (torchtitan does the sam
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from zerokit.backends.common import resolve_precision
@@ -37,7 +37,8 @@ class PipelineBackend(PlainBackend):
     """fp32 or bf16 autocast (as the plain backend); no fp16 loss scaling, no torch.compile."""
     name = "pipeline"
 
-    def __init__(self, model: torch.nn.Module, train, info: DistInfo, schedule: str = "1f1b", optim=None):
+    def __init__(self, model: torch.nn.Module, train, info: DistInfo, schedule: str = "1f1b", optim=None,
+                 fsdp: str = "none"):
         pp = info.pipeline_parallel
         self.info = info
         self.precision = resolve_precision(train.precision, info.device)
@@ -54,6 +55,12 @@ class PipelineBackend(PlainBackend):
         self.layers = layers
         self.module = PipelinedLM(self.pipeline_stage, self.pp_group)
         self.dp_group = mesh["dp"].get_group()
+        self.sharded = fsdp != "none"
+        if self.sharded:  # FSDP2 over the stage's replicas: each decoder layer one unit, the rest the root's
+            kw = dict(mesh=mesh["dp"], reshard_after_forward=fsdp == "full_shard")
+            for layer in self.pipeline_stage.model.layers.values():
+                fully_shard(layer, **kw)
+            fully_shard(self.pipeline_stage, **kw)
         self.model = self.pipeline_stage
         self.schedule = build_schedule(self.model, self.pp_group, info.device, schedule,
                                        train.grad_accum, self._loss)
@@ -90,17 +97,20 @@ class PipelineBackend(PlainBackend):
     def step(self) -> torch.Tensor:
         params = [p for p in self.pipeline_stage.parameters() if p.requires_grad]
         grads = [p.grad for p in params if p.grad is not None]
-        if self.info.dp_size > 1:  # the replicas' mean gradient, in one flat buffer
+        if self.info.dp_size > 1 and not self.sharded:  # the replicas' mean gradient, in one flat buffer
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.dp_group)
             flat /= self.info.dp_size
             for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(mean)
-        local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.info.device)
-        squares = local.double() ** 2
-        dist.all_reduce(squares, group=self.pp_group)  # the replicas' gradients are equal now
+        # FSDP: this rank's shards, whose squares add up over every rank; else the whole stage's gradients,
+        # equal on its replicas, whose squares add up over the stages.
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        squares = (torch.nn.utils.get_total_norm(local) if local else torch.zeros((), device=self.info.device)).double() ** 2
+        dist.all_reduce(squares, group=None if self.sharded else self.pp_group)
         norm = squares.sqrt().float()
-        torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf, norm)
+        if self.grad_clip > 0:  # torch.nn.utils.clip_grads_with_norm_'s rule, on the local tensors
+            torch._foreach_mul_(local, (self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
