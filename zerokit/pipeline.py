@@ -172,7 +172,8 @@ class PipelinedLM(nn.Module):
 
 def build_schedule(stage_module: nn.Module, group: dist.ProcessGroup, device: torch.device,
                    kind: str, micro_batches: int, loss_fn):
-    """The torch.distributed.pipelining schedule of this rank's stage `stage_module`. Gradients are not rescaled: `loss_fn` already normalises by the window's targets."""
+    """The torch.distributed.pipelining schedule of this rank's stage `stage_module` (a Stage, or an FSDP2 one).
+    Gradients are not rescaled: `loss_fn` already normalises by the window's targets."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     ranks = dist.get_process_group_ranks(group)
     pipe_stage = PipelineStage(stage_module, ranks.index(dist.get_rank()), len(ranks), device, group=group)

@@ -5,14 +5,18 @@ go through the GPipe or 1F1B schedule in one call (`run_window`, which replaces 
 per-micro-batch forward/backward); the loss is computed on the last stage and summed over the pipeline,
 so every rank reports its replica's loss. The replicas of a stage then average their gradients in one
 all-reduce over the data-parallel group (what DDP computes; DDP itself fails inside the schedule: its
-reducer's bucket rebuild after the first step asserts on the pipeline's split backward, torch 2.13). The gradient norm is the whole model's: each stage's sum of
-squares, all-reduced over the pipeline group (torch's clip_grad_norm_ would see one stage only), then
-clipped with it. Checkpoints are DCP's, every stage writing its own parameters under the full model's
-names, the optimizer state flattened per parameter name (torchtitan does the same for pipelines).
+reducer's bucket rebuild after the first step asserts on the pipeline's split backward, torch 2.13), or
+FSDP2 shards each stage over its replicas (the schedule drives its gradient sync). The gradient norm is
+the whole model's: the squares of each rank's gradients (FSDP: its shards) summed over the pipeline
+(FSDP: over every rank), where torch's clip_grad_norm_ would see one stage only; clipping uses it.
+Checkpoints are DCP's, every stage writing its own parameters under the full model's names, the
+optimizer state flattened per parameter name (torchtitan does the same for pipelines).
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import logging
 
 import torch
 import torch.distributed as dist
@@ -30,11 +34,13 @@ from zerokit.errors import UsageError
 from zerokit.optim import build_optimizer
 from zerokit.pipeline import PipelinedLM, Stage, build_schedule, check_pipeline, stage_layers
 
+log = logging.getLogger("zerokit")
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class PipelineBackend(PlainBackend):
-    """fp32 or bf16 autocast (as the plain backend); no fp16 loss scaling, no torch.compile."""
+    """`fsdp`: none (replicas all-reduce their gradients) or an FSDP2 strategy over each stage's replicas.
+    fp32 or bf16 autocast (as the plain backend); no fp16 loss scaling, no torch.compile."""
     name = "pipeline"
 
     def __init__(self, model: torch.nn.Module, train, info: DistInfo, schedule: str = "1f1b", optim=None,
@@ -52,10 +58,13 @@ class PipelineBackend(PlainBackend):
         self.pp_group = mesh["pp"].get_group()
         layers = stage_layers(model, pp)
         self.pipeline_stage = Stage(model, layers[info.pp_rank], info.pp_rank, pp).to(info.device)
-        self.layers = layers
         self.module = PipelinedLM(self.pipeline_stage, self.pp_group)
         self.dp_group = mesh["dp"].get_group()
         self.sharded = fsdp != "none"
+        if info.is_main:
+            log.info("pipeline: %d stages of decoder layers %s, schedule %s, %d micro-batches, %d %s replicas", pp,
+                     " | ".join(f"{r.start}-{r.stop - 1}" for r in layers), schedule, train.grad_accum, info.dp_size,
+                     "FSDP2-sharded" if self.sharded else "replicated")
         if self.sharded:  # FSDP2 over the stage's replicas: each decoder layer one unit, the rest the root's
             kw = dict(mesh=mesh["dp"], reshard_after_forward=fsdp == "full_shard")
             for layer in self.pipeline_stage.model.layers.values():
@@ -68,7 +77,7 @@ class PipelineBackend(PlainBackend):
         self.grad_clip = train.grad_clip
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=False)  # the shared skip/save code reads it
         self.skipped_updates = 0
-        self._scale, self._loss_sums = None, []
+        self._scale, self._loss_sums = None, {}
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The schedule's loss on the last stage, per micro-batch: the summed token loss, normalised as the
