@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from launch_util import REPO, metrics, pretrain, pretrain_many
+from launch_util import REPO, metrics, pretrain_many
 from zerokit.dist import DistInfo, init_distributed
 from zerokit.errors import UsageError
 from zerokit.export import checkpoint_weights
@@ -17,6 +17,7 @@ from zerokit.models import build_causal_lm
 from zerokit.pipeline import Stage, balanced_split, check_pipeline, stage_layers
 
 STEPS = 10
+TIED_STEPS = 4  # llama-demo (tied head) costs 4x llama-tiny a step
 LLAMA = ["model.preset=llama-tiny", f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.grad_clip=1.0",
          "sample.max_new_tokens=0"]
 
@@ -39,15 +40,19 @@ def test_balanced_split_is_the_best_contiguous_split():
         assert max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])) == best, (costs, parts, bounds)
 
 
-def test_stages_chained_are_the_whole_model():
+@pytest.mark.parametrize("preset, split", [("llama-tiny", [[0], [1]]), ("llama-demo", [[0, 1], [2, 3]])])
+def test_stages_chained_are_the_whole_model(preset, split):
     """Two stages' forwards in one process give the model's logits; together they hold each parameter once,
-    under the model's own names (what makes a checkpoint's shards the whole state dict)."""
-    model = llama()
+    under the model's own names (what makes a checkpoint's shards the whole state dict). llama-demo ties its
+    head to the embedding: the first stage holds it as the embedding, the last as the head."""
+    model = llama(preset)
     layers = stage_layers(model, 2)
-    assert [list(r) for r in layers] == [[0], [1]]  # embedding + block 0 against block 1 + norm + head
+    assert [list(r) for r in layers] == split  # tiny: embedding + block 0 against block 1 + norm + head
     first, last = Stage(model, layers[0], 0, 2), Stage(model, layers[1], 1, 2)
     names = [*first.state_dict(), *last.state_dict()]
     assert sorted(names) == sorted(model.state_dict())
+    tied = preset == "llama-demo"
+    assert (first.tied_copy, last.tied_copy) == ((model.lm_head.weight,) * 2 if tied else (None, None))
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(last(first(ids)), model(input_ids=ids).logits, rtol=0, atol=1e-6)
@@ -64,8 +69,6 @@ def test_data_parallel_ranks_within_a_pipeline():
 def test_refused_settings_get_one_clear_error(monkeypatch):
     with pytest.raises(UsageError, match="Llama-family"):
         check_pipeline(build_causal_lm("gpt-tiny", None, 512, 32, 0.0), 2, "1f1b", 2)
-    with pytest.raises(UsageError, match="ties its LM head"):
-        check_pipeline(llama("llama-demo"), 2, "1f1b", 2)
     with pytest.raises(UsageError, match="mixture of experts"):
         check_pipeline(llama("moe-tiny"), 2, "1f1b", 2)
     with pytest.raises(UsageError, match="at least one decoder layer per stage"):
@@ -115,23 +118,27 @@ def _worst(got: dict, want: dict, steps) -> tuple[float, float]:
     return max(loss), max(norm)
 
 
-@pytest.mark.slow  # one process, a 4-rank launch of 2 runs, a 2-rank launch of 3: ~1.5 min on the shared machine
+@pytest.mark.slow  # a 1-rank launch of 2 runs, a 4-rank launch of 2, a 2-rank launch of 4: ~1.5 min on the shared machine
 def test_pipeline_equals_one_process_resumes_and_exports(tmp_path):
     cache = tmp_path / "cache"
-    dirs = {n: tmp_path / n for n in ("ref", "gpipe", "1f1b", "pp2_dp2", "pp2_fsdp2", "resumed")}
+    dirs = {n: tmp_path / n for n in ("ref", "gpipe", "1f1b", "pp2_dp2", "pp2_fsdp2", "resumed", "ref_tied", "tied")}
     # One process, 4 micro-batches a step; the pipelines run the same 4 (2 a step per replica with dp=2: the
     # loader deals samples to data-parallel ranks in the order one process accumulates them).
-    pretrain(dirs["ref"], *LLAMA, "train.grad_accum=4", f"train.checkpoint_every={STEPS}", cache=cache)
+    tied = [*LLAMA, "model.preset=llama-demo", f"train.max_steps={TIED_STEPS}", "train.grad_accum=2"]
+    pretrain_many([[*LLAMA, "train.grad_accum=4", f"train.checkpoint_every={STEPS}", f"run_dir={dirs['ref']}"],
+                   [*tied, f"run_dir={dirs['ref_tied']}"]], nproc=1, cache=cache, workdir=tmp_path)
     half = STEPS // 2
     # 2 stages x 2 replicas: replicated (gradients all-reduced), and FSDP2-sharded over the replicas.
     pretrain_many([[*LLAMA, "train.grad_accum=2", "parallel.pipeline=2", f"run_dir={dirs['pp2_dp2']}"],
                    [*LLAMA, "train.grad_accum=2", "parallel.pipeline=2", "fsdp=full_shard",
                     f"train.checkpoint_every={half}", f"run_dir={dirs['pp2_fsdp2']}"]], nproc=4, cache=cache,
                   workdir=tmp_path)
-    # Both schedules on 2 ranks, and the FSDP run's step-5 checkpoint resumed by a pipeline without replicas.
+    # Both schedules on 2 ranks, the FSDP run's step-5 checkpoint resumed by a pipeline without replicas, and
+    # a tied head (the first and the last stage sum their copies' gradients).
     pipe = [*LLAMA, "train.grad_accum=4", "parallel.pipeline=2"]
     pretrain_many([*([*pipe, f"parallel.pipeline_schedule={kind}", f"run_dir={dirs[kind]}"] for kind in ("gpipe", "1f1b")),
-                   [*pipe, f"run_dir={dirs['resumed']}", f"resume={dirs['pp2_fsdp2'] / 'checkpoints' / f'step_{half}'}"]],
+                   [*pipe, f"run_dir={dirs['resumed']}", f"resume={dirs['pp2_fsdp2'] / 'checkpoints' / f'step_{half}'}"],
+                   [*tied, "parallel.pipeline=2", f"run_dir={dirs['tied']}"]],
                   nproc=2, cache=cache, workdir=tmp_path)
     want = _steps(dirs["ref"])
     assert sorted(want) == list(range(1, STEPS + 1))
@@ -139,6 +146,7 @@ def test_pipeline_equals_one_process_resumes_and_exports(tmp_path):
     for name in ("gpipe", "1f1b", "pp2_dp2", "pp2_fsdp2"):
         table[name] = _worst(_steps(dirs[name]), want, range(1, STEPS + 1))
     table["resumed"] = _worst(_steps(dirs["resumed"]), want, range(half + 1, STEPS + 1))
+    table["tied"] = _worst(_steps(dirs["tied"]), _steps(dirs["ref_tied"]), range(1, TIED_STEPS + 1))
     print("max relative difference (loss, grad norm) vs one process:", json.dumps(table))
     # A norm over one stage's parameters, a loss from one stage or replicas reading the same data all miss by
     # far more (a stage's share of the norm, a zero loss, another batch's loss).

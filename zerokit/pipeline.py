@@ -74,10 +74,6 @@ def check_pipeline(model: nn.Module, pp: int, schedule: str, grad_accum: int) ->
             getattr(cfg, "num_experts", 0):
         raise UsageError(f"parallel.pipeline={pp} does not carry a mixture of experts' router loss between stages; "
                          f"use a dense llama-* preset or parallel.pipeline=1")
-    if model.get_output_embeddings().weight is model.model.embed_tokens.weight:
-        raise UsageError(f"parallel.pipeline={pp}: {cfg.model_type} ties its LM head to the embedding, which would live "
-                         f"on the first and the last stage; use an untied preset (llama-tiny, llama-120m, llama-7b) "
-                         f"or parallel.pipeline=1")
     if cfg.num_hidden_layers < pp:
         raise UsageError(f"parallel.pipeline={pp} needs at least one decoder layer per stage; the model has "
                          f"{cfg.num_hidden_layers}: choose parallel.pipeline <= {cfg.num_hidden_layers}")
@@ -88,6 +84,23 @@ def check_pipeline(model: nn.Module, pp: int, schedule: str, grad_accum: int) ->
         raise UsageError(f"parallel.pipeline_schedule=1f1b needs at least as many micro-batches as stages: "
                          f"train.grad_accum={grad_accum} < parallel.pipeline={pp}; raise train.grad_accum to {pp} "
                          f"or more (or use parallel.pipeline_schedule=gpipe)")
+
+
+def is_tied(model: nn.Module) -> bool:
+    """The LM head is the embedding (llama-demo, llama-1b): the first and the last stage each hold a copy."""
+    return model.get_output_embeddings().weight is model.model.embed_tokens.weight
+
+
+def first_last_group(pp: int, dp: int, rank: int) -> dist.ProcessGroup | None:
+    """The first and the last stage of this rank's replica, which sum their tied copies' gradients (None on
+    the stages between). Every rank creates every pair: new_group is collective."""
+    mine = None
+    for d in range(dp):
+        pair = [d, (pp - 1) * dp + d]
+        group = dist.new_group(pair)
+        if rank in pair:
+            mine = group
+    return mine
 
 
 class Stage(nn.Module):
@@ -104,6 +117,15 @@ class Stage(nn.Module):
         self.model.rotary_emb = model.model.rotary_emb
         if self.is_last:
             self.model.norm, self.lm_head = model.model.norm, model.lm_head
+        self.tied = is_tied(model)
+
+    @property
+    def tied_copy(self) -> nn.Parameter | None:
+        """A tied model's embedding (first stage) or head (last stage): one weight, a copy on each. Looked up
+        when asked: FSDP replaces the parameters."""
+        if not self.tied:
+            return None
+        return self.model.embed_tokens.weight if self.is_first else self.lm_head.weight if self.is_last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (first stage) or hidden states in; hidden states or logits (last stage) out."""

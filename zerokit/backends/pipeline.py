@@ -32,7 +32,7 @@ from zerokit.backends.plain import PlainBackend
 from zerokit.dist import DistInfo
 from zerokit.errors import UsageError
 from zerokit.optim import build_optimizer
-from zerokit.pipeline import PipelinedLM, Stage, build_schedule, check_pipeline, stage_layers
+from zerokit.pipeline import PipelinedLM, Stage, build_schedule, check_pipeline, first_last_group, is_tied, stage_layers
 
 log = logging.getLogger("zerokit")
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -58,6 +58,7 @@ class PipelineBackend(PlainBackend):
         self.pp_group = mesh["pp"].get_group()
         layers = stage_layers(model, pp)
         self.pipeline_stage = Stage(model, layers[info.pp_rank], info.pp_rank, pp).to(info.device)
+        self.tied_group = first_last_group(pp, info.dp_size, info.rank) if is_tied(model) else None
         self.module = PipelinedLM(self.pipeline_stage, self.pp_group)
         self.dp_group = mesh["dp"].get_group()
         self.sharded = fsdp != "none"
@@ -104,18 +105,24 @@ class PipelineBackend(PlainBackend):
         return total
 
     def step(self) -> torch.Tensor:
-        params = [p for p in self.pipeline_stage.parameters() if p.requires_grad]
-        grads = [p.grad for p in params if p.grad is not None]
+        params = [p for p in self.pipeline_stage.parameters() if p.requires_grad and p.grad is not None]
+        grads = [p.grad for p in params]
         if self.info.dp_size > 1 and not self.sharded:  # the replicas' mean gradient, in one flat buffer
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.dp_group)
             flat /= self.info.dp_size
             for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(mean)
-        # FSDP: this rank's shards, whose squares add up over every rank; else the whole stage's gradients,
-        # equal on its replicas, whose squares add up over the stages.
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        squares = (torch.nn.utils.get_total_norm(local) if local else torch.zeros((), device=self.info.device)).double() ** 2
+        tied = self.pipeline_stage.tied_copy
+        for p, g in zip(params, local):
+            if p is tied:  # both copies take the tied weight's whole gradient
+                dist.all_reduce(g, group=self.tied_group)
+        # FSDP: this rank's shards, whose squares add up over every rank; else the whole stage's gradients,
+        # equal on its replicas, whose squares add up over the stages. The tied weight counts once.
+        counted = [g for p, g in zip(params, local) if not (p is tied and self.pipeline_stage.is_last)]
+        squares = torch.nn.utils.get_total_norm(counted).double() ** 2 if counted else \
+            torch.zeros((), dtype=torch.float64, device=self.info.device)
         dist.all_reduce(squares, group=None if self.sharded else self.pp_group)
         norm = squares.sqrt().float()
         if self.grad_clip > 0:  # torch.nn.utils.clip_grads_with_norm_'s rule, on the local tensors
