@@ -29,20 +29,30 @@ class DistInfo:
     local_rank: int
     device: torch.device
     tensor_parallel: int = 1  # ranks per tensor-parallel group: consecutive ranks, the inner mesh dimension
+    pipeline_parallel: int = 1  # pipeline stages: the outer mesh dimension, (pipeline, data, tensor)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    # Data parallel: the ranks of a tensor-parallel group read the same micro-batches, so the data is
-    # split over these (the outer mesh dimension), not over every rank.
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that read the same micro-batches (one model replica)."""
+        return self.tensor_parallel * self.pipeline_parallel
+
+    # Data parallel: the ranks of a tensor-parallel group, and the stages of a pipeline, read the same
+    # micro-batches, so the data is split over these (the middle mesh dimension), not over every rank.
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tensor_parallel
+        return (self.rank // self.tensor_parallel) % self.dp_size
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tensor_parallel
+        return self.world_size // self.model_parallel
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tensor_parallel * self.dp_size)
 
 
 def set_cpu_threads(cpu_threads: int | str = "auto") -> None:
@@ -55,9 +65,16 @@ def set_cpu_threads(cpu_threads: int | str = "auto") -> None:
     torch.set_num_threads(int(cpu_threads))
 
 
-def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto", tensor_parallel: int = 1) -> DistInfo:
+def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto", tensor_parallel: int = 1,
+                     pipeline_parallel: int = 1) -> DistInfo:
     """Join the process group the launcher describes (a 1-rank group for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tensor_parallel > 1 and pipeline_parallel > 1:
+        raise UsageError(f"parallel.tensor={tensor_parallel} with parallel.pipeline={pipeline_parallel} is not "
+                         f"supported yet; set one of them to 1")
+    if world % pipeline_parallel:
+        raise UsageError(f"parallel.pipeline={pipeline_parallel} does not divide the {world} ranks; launch a multiple "
+                         f"of {pipeline_parallel} ranks or choose a pipeline size that divides {world}")
     if world % tensor_parallel:
         raise UsageError(f"parallel.tensor={tensor_parallel} does not divide the {world} ranks; launch a multiple of "
                          f"{tensor_parallel} ranks or choose a tensor-parallel size that divides {world}")
@@ -79,7 +96,7 @@ def init_distributed(timeout_s: float = 600.0, cpu_threads: int | str = "auto", 
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None, **single)
-    return DistInfo(rank, world, local_rank, device, tensor_parallel)
+    return DistInfo(rank, world, local_rank, device, tensor_parallel, pipeline_parallel)
 
 
 def barrier() -> None:

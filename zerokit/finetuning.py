@@ -235,9 +235,10 @@ def finetune(cfg, kind: str, make_task: Callable, num_labels: int = 2, on_summar
     from zerokit.loop import train
 
     check_peft(cfg)
-    if cfg.parallel.tensor > 1:  # its evaluation gathers predictions from every rank: each group's would repeat
-        raise UsageError(f"parallel.tensor={cfg.parallel.tensor}: the fine-tuning recipes do not take tensor "
-                         f"parallelism yet; set parallel.tensor=1 (recipes/pretrain_gpt.py does)")
+    for key in ("tensor", "pipeline"):  # its evaluation gathers predictions from every rank: each group's would repeat
+        if cfg.parallel.get(key, 1) > 1:
+            raise UsageError(f"parallel.{key}={cfg.parallel[key]}: the fine-tuning recipes do not take {key} "
+                             f"parallelism yet; set parallel.{key}=1 (recipes/pretrain_gpt.py does)")
     info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads)
     path = resolve_model_path(cfg.model.name_or_path)
     encoder_decoder = kind == "causal_lm" and is_encoder_decoder(path)

@@ -58,24 +58,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(backend, task, window: list[dict], info: DistInfo, lr: float, guard: NonFiniteGuard | None = None):
-    """One optimizer step over an accumulation window of micro-batches. Returns this rank's
-    summed loss, the window's target count over all ranks, and the gradient norm (tensors).
-    With a `guard`, a non-finite loss or gradient is found before the update (zerokit/nonfinite.py):
-    skipped (zero loss and targets, no norm returned) or raised as NonFiniteStep."""
-    # Normalise by the target count of the whole window on all ranks: accumulation and padding exact.
-    # (With tensor parallelism each group's ranks all count the group's targets: world_size / that count
-    # is still data-parallel size / the data's count, matching the engines' mean over data-parallel ranks.)
-    window_targets = all_reduce_sum(sum(num_targets(mb) for mb in window).to(info.device, torch.float64))
-    backend.set_lr(lr)
+def accumulate(backend, task, window: list[dict], info: DistInfo, scale: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of each micro-batch, the loss sum times `scale`; this rank's summed loss."""
     total = torch.zeros((), dtype=torch.float64, device=info.device)
     for k, micro in enumerate(window):
         sync = k == len(window) - 1  # reduce gradients across ranks only after the last micro-batch
         micro = to_device(micro, info.device)
         with backend.micro_batch(sync):
             loss_sum, _ = task.loss(backend.model, micro)
-            backend.backward(loss_sum * (info.world_size / window_targets), sync)
+            backend.backward(loss_sum * scale, sync)
         total += loss_sum.detach()
+    return total
+
+
+def train_step(backend, task, window: list[dict], info: DistInfo, lr: float, guard: NonFiniteGuard | None = None):
+    """One optimizer step over an accumulation window of micro-batches. Returns this rank's
+    summed loss, the window's target count over all ranks, and the gradient norm (tensors).
+    With a `guard`, a non-finite loss or gradient is found before the update (zerokit/nonfinite.py):
+    skipped (zero loss and targets, no norm returned) or raised as NonFiniteStep."""
+    # Normalise by the target count of the whole window on all ranks: accumulation and padding exact.
+    # (With tensor or pipeline parallelism each replica's ranks all count its targets: world_size / that count
+    # is still data-parallel size / the data's count, matching the engines' mean over data-parallel ranks.)
+    window_targets = all_reduce_sum(sum(num_targets(mb) for mb in window).to(info.device, torch.float64))
+    backend.set_lr(lr)
+    scale = info.world_size / window_targets
+    run_window = getattr(backend, "run_window", None)  # pipeline parallel: the schedule runs the whole window
+    total = run_window(window, scale) if run_window else accumulate(backend, task, window, info, scale)
     if guard is None:
         return total, window_targets, backend.step()
     bad = guard.check(backend, total)
@@ -179,7 +187,7 @@ def train(cfg, *, backend, task, loader, info: DistInfo, seq_len: int, write_ext
         if step % t.log_every == 0 or step == end_step or step == decision:
             # The one host sync of the interval: losses, memory, and the stop/checkpoint/end decisions.
             loss_sum, n_inputs = all_reduce_sum(interval.clone()).tolist()
-            n_inputs /= info.tensor_parallel  # a tensor-parallel group's ranks all count its tokens
+            n_inputs /= info.model_parallel  # a replica's ranks (tensor-parallel group, pipeline stages) all count its tokens
             interval_time = time.perf_counter() - interval_start - paused
             interval_start, paused = time.perf_counter(), 0.0
             ckpt_due = t.checkpoint_every_minutes > 0 and time.time() - last_ckpt_time > 60 * t.checkpoint_every_minutes

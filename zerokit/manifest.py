@@ -21,7 +21,7 @@ FORMAT = 2  # trainer_state.json carries it: such a checkpoint must have a manif
 # Config keys that decide tensor shapes (or which tensors exist): a checkpoint only loads into a run
 # that agrees on all of them. Everything else (steps, lr, eval, logging) may change on resume.
 SHAPE_KEYS = ("model.preset", "model.kv_heads", "model.name_or_path", "data.tokenizer", "data.vocab_size", "data.block_size",
-              "data.num_labels", "peft", "lora.r", "lora.target_modules", "optim.name")
+              "data.num_labels", "peft", "lora.r", "lora.target_modules", "optim.name", "parallel.pipeline")
 
 
 def _normal(value):

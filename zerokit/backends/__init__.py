@@ -31,10 +31,11 @@ from zerokit.optim import check_engine
 
 def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str | None = None,
                  fsdp: str = "none", fsdp_offload: bool = False, find_unused_parameters: bool = False, optim=None,
-                 megatron_sp: bool = False):
+                 megatron_sp: bool = False, pipeline_schedule: str = "1f1b"):
     """`find_unused_parameters`: DDP tolerates parameters the loss never reaches (ZeRO and FSDP always do).
     `optim`: the run's optim section (zerokit.optim.build_optimizer); None is AdamW. `megatron_sp`: with
-    tensor parallelism (info.tensor_parallel), split the blocks' norms along the sequence too."""
+    tensor parallelism (info.tensor_parallel), split the blocks' norms along the sequence too. `pipeline_schedule`:
+    with pipeline parallelism (info.pipeline_parallel), gpipe or 1f1b."""
     # A JSON (ds_config= or --deepspeed_config_file), else accelerate's --use_deepspeed/--zero_stage flags.
     ds = deepspeed_config_path(ds_config) or (accelerate_deepspeed_config() if not ds_config else None)
     if ds and fsdp != "none":
@@ -43,6 +44,13 @@ def make_backend(model: torch.nn.Module, train, info: DistInfo, ds_config: str |
     if env_true(os.environ, "ACCELERATE_USE_FSDP") and fsdp == "none":
         raise UsageError("accelerate launch --use_fsdp is not read by zerokit; drop it and set fsdp=full_shard "
                          "(or fsdp=shard_grad_op) in the run config")
+    if info.pipeline_parallel > 1:
+        if ds or fsdp_offload:
+            raise UsageError(f"parallel.pipeline={info.pipeline_parallel} runs with data parallel or FSDP2 across the "
+                             f"replicas; drop {'the DeepSpeed config' if ds else 'fsdp_offload'} (or set parallel.pipeline=1)")
+        check_engine((optim or {}).get("name", "adamw"), "fsdp" if fsdp != "none" else "plain")
+        from zerokit.backends.pipeline import PipelineBackend
+        return PipelineBackend(model, train, info, pipeline_schedule, optim, fsdp)
     if ds:
         from zerokit.backends.deepspeed import DeepSpeedBackend
         return DeepSpeedBackend(model, train, info, ds, optim)

@@ -27,7 +27,7 @@ def main(cfg):
     if cfg.train.max_steps == 0 and not cfg.train.max_minutes:  # fine-tuning's max_steps=0 is a baseline evaluation; here nothing
         raise UsageError("train.max_steps=0 with train.max_minutes=0 trains nothing; set train.max_steps=N or a "
                          "time budget train.max_minutes=M")
-    info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads, cfg.parallel.tensor)
+    info = init_distributed(cfg.train.dist_timeout_s, cfg.train.cpu_threads, cfg.parallel.tensor, cfg.parallel.pipeline)
     run_dir = Path(cfg.run_dir)
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else Path.home() / ".cache" / "zerokit"
 
@@ -40,7 +40,7 @@ def main(cfg):
                             cfg.model.attn, cfg.model.sdpa_backend, cfg.model.kv_heads,
                             cfg.model.router_aux_loss_coef)
     backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, optim=cfg.optim,
-                           megatron_sp=cfg.parallel.megatron_sp)
+                           megatron_sp=cfg.parallel.megatron_sp, pipeline_schedule=cfg.parallel.pipeline_schedule)
     loader = BlockLoader(data_dir, "train", cfg.data.block_size, t.micro_batch_size, t.grad_accum,
                          info.dp_rank, info.dp_size, t.seed)
     task = PretrainTask(data_dir, cfg.data.block_size, t.micro_batch_size, cfg.data.eval_batches)
