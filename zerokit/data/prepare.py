@@ -43,6 +43,9 @@ RECORD = np.dtype([("status", "u1"), ("bytes_in", "<u8"), ("bytes", "<u8"), ("ex
                    ("bands", "<u8", (quality.BANDS,))])
 LANGUAGE_ID = ("not run: datatrove's LanguageFilter downloads its fastText model at run time, which an "
                "offline machine cannot do")
+# the files of a tokenizer directory that a given tokenizer is copied with
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece",
+                   "chat_template")
 DEFAULTS = {"text_field": "text", "filters": [], "dedup": [], "tokenizer": "train", "vocab_size": 4096,
             "shard_tokens": 1 << 24, "val_fraction": 0.01, "sample_mb": 100.0}
 
@@ -51,22 +54,19 @@ DEFAULTS = {"text_field": "text", "filters": [], "dedup": [], "tokenizer": "trai
 _W: dict = {}
 
 
-def _init_worker(filters: list[str], dedup: list[str], tokenizer_json: str | None) -> None:
+def _init_worker(filters: list[str], dedup: list[str]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
     _W["cleaner"] = quality.Cleaner(filters, dedup) if filters or dedup else None
-    if tokenizer_json:
-        from tokenizers import Tokenizer
-        _W["tok"] = Tokenizer.from_file(tokenizer_json)
 
 
 def _analyse(texts: list[str]) -> np.ndarray:
     out = np.zeros(len(texts), dtype=RECORD)
+    out["bytes_in"] = out["bytes"] = [len(t.encode("utf-8")) for t in texts]
     cleaner = _W["cleaner"]
-    for r, text in zip(out, texts):
-        r["bytes_in"] = len(text.encode("utf-8"))
-        status, kept = cleaner.clean(text) if cleaner else (quality.KEPT, text)
-        r["status"], r["bytes"] = status, len(kept.encode("utf-8"))
-        if status == quality.KEPT and cleaner:
+    for r, text in zip(out, texts) if cleaner else ():
+        r["status"], kept = cleaner.clean(text)
+        r["bytes"] = len(kept.encode("utf-8"))
+        if r["status"] == quality.KEPT:
             r["exact"], r["bands"] = cleaner.keys(kept)
     return out
 
@@ -76,34 +76,67 @@ def _rewrite(texts: list[str]) -> list[str]:
     return [cleaner.clean(t, only_rewrites=True)[1] for t in texts] if cleaner else texts
 
 
-def _encode(texts: list[str], eos: int, dtype: str) -> list[np.ndarray]:
-    encs = _W["tok"].encode_batch_fast(_rewrite(texts), add_special_tokens=False)
+def _encode(texts: list[str], tokenizer_json: str, rewrite: bool, eos: int, dtype: str) -> list[np.ndarray]:
+    if _W.get("tok_path") != tokenizer_json:  # loaded on first use: one pool serves all three passes
+        from tokenizers import Tokenizer
+        _W["tok"], _W["tok_path"] = Tokenizer.from_file(tokenizer_json), tokenizer_json
+    encs = _W["tok"].encode_batch_fast(_rewrite(texts) if rewrite else texts, add_special_tokens=False)
     return [np.array(e.ids + [eos], dtype=dtype) for e in encs]
 
 
 class _Pool:
-    """Ordered map over batches with at most 2 x workers batches in flight (memory bounded); workers=0 runs inline."""
+    """Ordered map over batches with at most 2 x workers batches in flight (memory bounded); workers=0, or
+    map(inline=True) for work too light to ship to a worker, runs in this process. The workers start at once
+    (spawn costs each an interpreter and its imports), so their start-up overlaps whatever runs inline first."""
 
     def __init__(self, workers: int, *init):
         self.pool = ProcessPoolExecutor(workers, get_context("spawn"), _init_worker, init) if workers else None
-        self.depth = 2 * max(workers, 1)
-        if not workers:
-            _init_worker(*init)
+        self.depth, self.init = 2 * max(workers, 1), init
+        for _ in range(workers):
+            self.pool.submit(int)
 
-    def map(self, fn, batches, *args):
+    def map(self, fn, batches, *args, inline: bool = False):
+        pool = None if inline else self.pool
+        if pool is None and "cleaner" not in _W:
+            _init_worker(*self.init)
         pending = deque()
         for meta, texts in batches:
-            pending.append((meta, self.pool.submit(fn, texts, *args) if self.pool else fn(texts, *args)))
+            pending.append((meta, pool.submit(fn, texts, *args) if pool else fn(texts, *args)))
             if len(pending) >= self.depth:
                 meta, fut = pending.popleft()
-                yield meta, fut.result() if self.pool else fut
+                yield meta, fut.result() if pool else fut
         while pending:
             meta, fut = pending.popleft()
-            yield meta, fut.result() if self.pool else fut
+            yield meta, fut.result() if pool else fut
 
     def close(self):
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
+
+
+class _Vocab:
+    """A prepared tokenizer as prepare and the manifest read it (len, get_vocab, added_tokens_decoder,
+    backend_tokenizer, eos_token_id: what token_byte_lengths and tokenizer_hash take from a transformers
+    tokenizer), from the tokenizers library alone: importing transformers costs seconds of start-up."""
+    is_fast = True
+
+    def __init__(self, tok_dir: Path):
+        from tokenizers import Tokenizer
+        self.backend_tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        self.added_tokens_decoder = self.backend_tokenizer.get_added_tokens_decoder()
+        eos = None
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if eos is None and (tok_dir / name).is_file():
+                eos = json.loads((tok_dir / name).read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_token_id = None if eos is None else self.backend_tokenizer.token_to_id(eos)
+        self.dtype = np.dtype(np.uint16 if len(self) < 2**16 else np.uint32).name
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
 
 def _batches(docs, batch_chars: int):
@@ -128,7 +161,9 @@ def _pass_analyse(s: dict, work: Path, pool: _Pool, batch_chars: int) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     with open(work / "records.bin", "wb") as f:
-        for _, rec in pool.map(_analyse, _batches(enumerate(iter_documents(s["source"], s["text_field"])), batch_chars)):
+        docs = enumerate(iter_documents(s["source"], s["text_field"]))
+        # without filters or dedup this pass only counts bytes: too little work to ship to the workers
+        for _, rec in pool.map(_analyse, _batches(docs, batch_chars), inline=not (s["filters"] or s["dedup"])):
             f.write(rec.tobytes())
     rec = np.memmap(work / "records.bin", dtype=RECORD, mode="r+") if (work / "records.bin").stat().st_size else \
         np.zeros(0, RECORD)
@@ -171,36 +206,47 @@ def _kept(s: dict, split: np.ndarray, wanted):
             yield i, text
 
 
+def _rewrites(s: dict) -> bool:
+    """Whether a filter changes the text it keeps (then every pass after the first runs it again)."""
+    return any(f in quality.REWRITES for f in s["filters"])
+
+
 def _pass_tokenizer(s: dict, out: Path, work: Path, pool: _Pool, split: np.ndarray, batch_chars: int) -> Path:
     """Pass 2: OUT_DIR/tokenizer, trained on the first sample_mb of kept training text, or copied in."""
-    from transformers import AutoTokenizer
-
-    from zerokit.data.tokenizer import TRAIN_KINDS, get_tokenizer, take_sample, train_tokenizer
+    from zerokit.data.tokenizer import TRAIN_KINDS
     final = out / "tokenizer"
     if (final / "tokenizer.json").is_file():
         return final
-    spec = s["tokenizer"]
-    if spec in TRAIN_KINDS:
-        batches = pool.map(_rewrite, _batches(_kept(s, split, lambda i, c: c == 1), batch_chars))
-        sample = take_sample((t for _, texts in batches for t in texts), s["sample_mb"])
-        src = train_tokenizer(sample, s["vocab_size"], work / "tokenizer-cache", spec)
-        tok = AutoTokenizer.from_pretrained(src)
-    else:
-        tok = get_tokenizer(spec, None, s["vocab_size"], work)[1]
-    if tok.eos_token_id is None:
-        raise UsageError(f"tokenizer {spec} has no eos token; prepare ends each document with it. Give one with eos_token")
+    spec, given = s["tokenizer"], Path(s["tokenizer"]).expanduser()
     tmp = out / ".tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
+    if spec not in TRAIN_KINDS and (given / "tokenizer.json").is_file() and (given / "tokenizer_config.json").is_file():
+        tmp.mkdir()  # a tokenizer directory: its tokenizer files as they are (a model directory's weights stay)
+        for f in given.iterdir():
+            if f.is_file() and f.name.startswith(TOKENIZER_FILES):
+                shutil.copy(f, tmp / f.name)
+    else:
+        from transformers import AutoTokenizer
+
+        from zerokit.data.tokenizer import get_tokenizer, take_sample, train_tokenizer
+        if spec in TRAIN_KINDS:
+            docs = _batches(_kept(s, split, lambda i, c: c == 1), batch_chars)
+            batches = pool.map(_rewrite, docs) if _rewrites(s) else docs
+            sample = take_sample((t for _, texts in batches for t in texts), s["sample_mb"])
+            tok = AutoTokenizer.from_pretrained(train_tokenizer(sample, s["vocab_size"], work / "tokenizer-cache", spec))
+        else:
+            tok = get_tokenizer(spec, None, s["vocab_size"], work)[1]
+        tok.save_pretrained(tmp)
+    if _Vocab(tmp).eos_token_id is None:
+        raise UsageError(f"tokenizer {spec} has no eos token; prepare ends each document with it. Give one with eos_token")
     os.rename(tmp, final)
     return final
 
 
-def _pass_encode(s: dict, out: Path, pool_args: tuple, split: np.ndarray, batch_chars: int, key: str) -> dict:
+def _pass_encode(s: dict, out: Path, pool: _Pool, split: np.ndarray, batch_chars: int, key: str) -> dict:
     """Pass 3: the shards of both splits; returns each split's shard list."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    dtype = np.dtype(np.uint16 if len(tok) < 2**16 else np.uint32).name
+    tok = _Vocab(out / "tokenizer")
+    dtype = tok.dtype
     progress_path = out / ".progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"key": key, "splits": {}}
 
@@ -212,16 +258,13 @@ def _pass_encode(s: dict, out: Path, pool_args: tuple, split: np.ndarray, batch_
     start = {c: w.state["next_doc"] for c, w in writers.items()}  # None: that split is finished
     if all(v is None for v in start.values()):
         return {w.split: w.state["shards"] for w in writers.values()}
-    pool = _Pool(pool_args[0], *pool_args[1:], str(out / "tokenizer" / "tokenizer.json"))
-    try:
-        docs = _kept(s, split, lambda i, c: start[c] is not None and i >= start[c])
-        for idx, ids in pool.map(_encode, _batches(docs, batch_chars), tok.eos_token_id, dtype):
-            for i, a in zip(idx, ids):
-                c = int(split[i])
-                skip = writers[c].state["skip_tokens"] if i == start[c] else 0
-                writers[c].add(a[skip:], i, skip)
-    finally:
-        pool.close()
+    docs = _kept(s, split, lambda i, c: start[c] is not None and i >= start[c])
+    args = str(out / "tokenizer" / "tokenizer.json"), _rewrites(s), tok.eos_token_id, dtype
+    for idx, ids in pool.map(_encode, _batches(docs, batch_chars), *args):
+        for i, a in zip(idx, ids):
+            c = int(split[i])
+            skip = writers[c].state["skip_tokens"] if i == start[c] else 0
+            writers[c].add(a[skip:], i, skip)
     for w in writers.values():
         w.close()
     return {w.split: w.state["shards"] for w in writers.values()}
@@ -240,8 +283,8 @@ def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float 
     if not 0 < s["val_fraction"] < 1 or s["shard_tokens"] < 1 or s["sample_mb"] <= 0 or batch_mb <= 0 or workers < 0:
         raise UsageError("need 0 < val_fraction < 1, shard_tokens >= 1, sample_mb > 0, batch_mb > 0 and workers >= 0")
     out = Path(out_dir).expanduser()
-    key = hashlib.sha256(json.dumps({**s, "fingerprint": fingerprint(s["source"]), "version": VERSION},
-                                    sort_keys=True).encode()).hexdigest()
+    files = fingerprint(s["source"])
+    key = hashlib.sha256(json.dumps({**s, "fingerprint": files, "version": VERSION}, sort_keys=True).encode()).hexdigest()
     manifest_path = out / "manifest.json"
     for path in (manifest_path, out / ".progress.json"):
         if path.is_file() and json.loads(path.read_text()).get("key") != key:
@@ -254,19 +297,20 @@ def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float 
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    batch_chars = int(batch_mb * 1e6)
-    init = (workers, s["filters"], s["dedup"])
-    # without filters or dedup the first two passes only count bytes: no worker would earn its start-up
-    pool = _Pool(workers if s["filters"] or s["dedup"] else 0, s["filters"], s["dedup"], None)
+    # batch_mb a task, but at most 1/8 of a worker's share of the corpus: a small corpus in a few big batches
+    # would leave a worker idle for the last of them
+    share = sum(f[1] for f in files) / (8 * max(workers, 1)) if files else float("inf")
+    batch_chars = int(min(batch_mb * 1e6, max(share, 1 << 16)))
+    pool = _Pool(workers, s["filters"], s["dedup"])
     try:
         info = _pass_analyse(s, work, pool, batch_chars)
         log.info("prepare: analysed %d documents in %.1f s", info["documents_in"], time.perf_counter() - t0)
         split = np.load(work / "split.npy")
         tok_dir = _pass_tokenizer(s, out, work, pool, split, batch_chars)
+        log.info("prepare: tokenizer ready at %.1f s", time.perf_counter() - t0)
+        shards = _pass_encode(s, out, pool, split, batch_chars, key)
     finally:
         pool.close()
-    log.info("prepare: tokenizer ready at %.1f s", time.perf_counter() - t0)
-    shards = _pass_encode(s, out, init, split, batch_chars, key)
     manifest = _manifest(s, key, info, shards, tok_dir, time.perf_counter() - t0)
     atomic_json(manifest_path, manifest)
     shutil.rmtree(work, ignore_errors=True)
@@ -275,10 +319,8 @@ def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float 
 
 
 def _manifest(s: dict, key: str, info: dict, shards: dict, tok_dir: Path, seconds: float) -> dict:
-    from transformers import AutoTokenizer
-
     from zerokit.data.tokenizer import TRAIN_KINDS, token_byte_lengths, tokenizer_hash
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = _Vocab(tok_dir)
     np.save(tok_dir.parent / "token_bytes.npy", token_byte_lengths(tok))
     splits = {name: {**info["splits"][name], "tokens": sum(x["tokens"] for x in shards[name]), "shards": shards[name]}
               for name in SPLITS.values()}
@@ -289,7 +331,7 @@ def _manifest(s: dict, key: str, info: dict, shards: dict, tok_dir: Path, second
         "tokens": sum(x["tokens"] for x in splits.values()), "steps": info["steps"],
         "bytes_rewritten_away": info["bytes_rewritten_away"], "filters": s["filters"], "dedup": s["dedup"],
         "language_id": LANGUAGE_ID, "val_fraction": s["val_fraction"], "shard_tokens": s["shard_tokens"],
-        "dtype": np.dtype(np.uint16 if len(tok) < 2**16 else np.uint32).name, "vocab_size": len(tok),
+        "dtype": tok.dtype, "vocab_size": len(tok),
         "eos_id": tok.eos_token_id, "splits": splits, "seconds": round(seconds, 2),
         "tokenizer": {"dir": "tokenizer", "spec": s["tokenizer"], "hash": tokenizer_hash(tok),
                       "sample_mb": s["sample_mb"] if s["tokenizer"] in TRAIN_KINDS else None},
