@@ -23,14 +23,12 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from zerokit.data import quality
+from zerokit.data.prepare_workers import RECORD, Pool, Vocab, analyse, encode, rewrite
 from zerokit.data.shards import ShardWriter, atomic_json
 from zerokit.data.sources import fingerprint, iter_documents
 from zerokit.errors import UsageError
@@ -39,8 +37,6 @@ log = logging.getLogger("zerokit")
 
 VERSION = 1
 SPLITS = {1: "train", 2: "val"}
-RECORD = np.dtype([("status", "u1"), ("bytes_in", "<u8"), ("bytes", "<u8"), ("exact", "<u8"),
-                   ("bands", "<u8", (quality.BANDS,))])
 LANGUAGE_ID = ("not run: datatrove's LanguageFilter downloads its fastText model at run time, which an "
                "offline machine cannot do")
 # the files of a tokenizer directory that a given tokenizer is copied with
@@ -49,97 +45,7 @@ TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "
 DEFAULTS = {"text_field": "text", "filters": [], "dedup": [], "tokenizer": "train", "vocab_size": 4096,
             "shard_tokens": 1 << 24, "val_fraction": 0.01, "sample_mb": 100.0}
 
-# ---------------------------------------------------------------------------------------------- workers
-
-_W: dict = {}
-
-
-def _init_worker(filters: list[str], dedup: list[str]) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
-    _W["cleaner"] = quality.Cleaner(filters, dedup) if filters or dedup else None
-
-
-def _analyse(texts: list[str]) -> np.ndarray:
-    out = np.zeros(len(texts), dtype=RECORD)
-    out["bytes_in"] = out["bytes"] = [len(t.encode("utf-8")) for t in texts]
-    cleaner = _W["cleaner"]
-    for r, text in zip(out, texts) if cleaner else ():
-        r["status"], kept = cleaner.clean(text)
-        r["bytes"] = len(kept.encode("utf-8"))
-        if r["status"] == quality.KEPT:
-            r["exact"], r["bands"] = cleaner.keys(kept)
-    return out
-
-
-def _rewrite(texts: list[str]) -> list[str]:
-    cleaner = _W["cleaner"]
-    return [cleaner.clean(t, only_rewrites=True)[1] for t in texts] if cleaner else texts
-
-
-def _encode(texts: list[str], tokenizer_json: str, rewrite: bool, eos: int, dtype: str) -> list[np.ndarray]:
-    if _W.get("tok_path") != tokenizer_json:  # loaded on first use: one pool serves all three passes
-        from tokenizers import Tokenizer
-        _W["tok"], _W["tok_path"] = Tokenizer.from_file(tokenizer_json), tokenizer_json
-    encs = _W["tok"].encode_batch_fast(_rewrite(texts) if rewrite else texts, add_special_tokens=False)
-    return [np.array(e.ids + [eos], dtype=dtype) for e in encs]
-
-
-class _Pool:
-    """Ordered map over batches with at most 2 x workers batches in flight (memory bounded); workers=0, or
-    map(inline=True) for work too light to ship to a worker, runs in this process. The workers start at once
-    (spawn costs each an interpreter and its imports), so their start-up overlaps whatever runs inline first."""
-
-    def __init__(self, workers: int, *init):
-        self.pool = ProcessPoolExecutor(workers, get_context("spawn"), _init_worker, init) if workers else None
-        self.depth, self.init = 2 * max(workers, 1), init
-        for _ in range(workers):
-            self.pool.submit(int)
-
-    def map(self, fn, batches, *args, inline: bool = False):
-        pool = None if inline else self.pool
-        if pool is None and "cleaner" not in _W:
-            _init_worker(*self.init)
-        pending = deque()
-        for meta, texts in batches:
-            pending.append((meta, pool.submit(fn, texts, *args) if pool else fn(texts, *args)))
-            if len(pending) >= self.depth:
-                meta, fut = pending.popleft()
-                yield meta, fut.result() if pool else fut
-        while pending:
-            meta, fut = pending.popleft()
-            yield meta, fut.result() if pool else fut
-
-    def close(self):
-        if self.pool:
-            self.pool.shutdown(cancel_futures=True)
-
-
-class _Vocab:
-    """A prepared tokenizer as prepare and the manifest read it (len, get_vocab, added_tokens_decoder,
-    backend_tokenizer, eos_token_id: what token_byte_lengths and tokenizer_hash take from a transformers
-    tokenizer), from the tokenizers library alone: importing transformers costs seconds of start-up."""
-    is_fast = True
-
-    def __init__(self, tok_dir: Path):
-        from tokenizers import Tokenizer
-        self.backend_tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-        self.added_tokens_decoder = self.backend_tokenizer.get_added_tokens_decoder()
-        eos = None
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            if eos is None and (tok_dir / name).is_file():
-                eos = json.loads((tok_dir / name).read_text()).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        self.eos_token_id = None if eos is None else self.backend_tokenizer.token_to_id(eos)
-        self.dtype = np.dtype(np.uint16 if len(self) < 2**16 else np.uint32).name
-
-    def __len__(self) -> int:
-        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def get_vocab(self) -> dict:
-        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
-
-
-def _batches(docs, batch_chars: int):
+def batches(docs, batch_chars: int):
     """(document indices, texts) groups of about batch_chars characters, from (index, text) pairs."""
     idx, texts, size = [], [], 0
     for i, t in docs:
@@ -155,16 +61,27 @@ def _batches(docs, batch_chars: int):
 
 # ---------------------------------------------------------------------------------------------- passes
 
-def _pass_analyse(s: dict, work: Path, pool: _Pool, batch_chars: int) -> dict:
+def write_records(s: dict, source: str, path: Path, pool: Pool, batch_chars: int) -> None:
+    """Pass 1's work: one RECORD a document of `source` (the corpus, or one of its files) into `path`."""
+    with open(path, "wb") as f:
+        docs = enumerate(iter_documents(source, s["text_field"]))
+        # without filters or dedup this pass only counts bytes: too little work to ship to the workers
+        for _, rec in pool.map(analyse, batches(docs, batch_chars), inline=not (s["filters"] or s["dedup"])):
+            f.write(rec.tobytes())
+
+
+def _pass_analyse(s: dict, work: Path, pool: Pool, batch_chars: int) -> dict:
     """Pass 1 -> work/records.bin (one RECORD a document), work/split.npy and the step counts."""
+    if not (work / "analyse.json").is_file():
+        write_records(s, s["source"], work / "records.bin", pool, batch_chars)
+    return resolve(s, work)
+
+
+def resolve(s: dict, work: Path) -> dict:
+    """work/records.bin -> the duplicates resolved, work/split.npy and the counts (work/analyse.json)."""
     done = work / "analyse.json"
     if done.is_file():
         return json.loads(done.read_text())
-    with open(work / "records.bin", "wb") as f:
-        docs = enumerate(iter_documents(s["source"], s["text_field"]))
-        # without filters or dedup this pass only counts bytes: too little work to ship to the workers
-        for _, rec in pool.map(_analyse, _batches(docs, batch_chars), inline=not (s["filters"] or s["dedup"])):
-            f.write(rec.tobytes())
     rec = np.memmap(work / "records.bin", dtype=RECORD, mode="r+") if (work / "records.bin").stat().st_size else \
         np.zeros(0, RECORD)
     if len(rec) == 0:
@@ -199,9 +116,10 @@ def _pass_analyse(s: dict, work: Path, pool: _Pool, batch_chars: int) -> dict:
     return info
 
 
-def _kept(s: dict, split: np.ndarray, wanted):
-    """(index, text) of the documents whose split code passes `wanted(index, code)`."""
-    for i, text in enumerate(iter_documents(s["source"], s["text_field"])):
+def kept(s: dict, split: np.ndarray, wanted, source: str | None = None, first: int = 0):
+    """(index, text) of the documents whose split code passes `wanted(index, code)`; of one file of the
+    corpus (`source`, whose first document has index `first`), or of all of it."""
+    for i, text in enumerate(iter_documents(source or s["source"], s["text_field"]), first):
         if split[i] and wanted(i, split[i]):
             yield i, text
 
@@ -211,7 +129,7 @@ def _rewrites(s: dict) -> bool:
     return any(f in quality.REWRITES for f in s["filters"])
 
 
-def _pass_tokenizer(s: dict, out: Path, work: Path, pool: _Pool, split: np.ndarray, batch_chars: int) -> Path:
+def prepare_tokenizer(s: dict, out: Path, work: Path, pool: Pool, split: np.ndarray, batch_chars: int) -> Path:
     """Pass 2: OUT_DIR/tokenizer, trained on the first sample_mb of kept training text, or copied in."""
     from zerokit.data.tokenizer import TRAIN_KINDS
     final = out / "tokenizer"
@@ -230,23 +148,37 @@ def _pass_tokenizer(s: dict, out: Path, work: Path, pool: _Pool, split: np.ndarr
 
         from zerokit.data.tokenizer import get_tokenizer, take_sample, train_tokenizer
         if spec in TRAIN_KINDS:
-            docs = _batches(_kept(s, split, lambda i, c: c == 1), batch_chars)
-            batches = pool.map(_rewrite, docs) if _rewrites(s) else docs
-            sample = take_sample((t for _, texts in batches for t in texts), s["sample_mb"])
+            docs = batches(kept(s, split, lambda i, c: c == 1), batch_chars)
+            texts = (t for _, b in (pool.map(rewrite, docs) if _rewrites(s) else docs) for t in b)
+            sample = take_sample(texts, s["sample_mb"])
             tok = AutoTokenizer.from_pretrained(train_tokenizer(sample, s["vocab_size"], work / "tokenizer-cache", spec))
         else:
             tok = get_tokenizer(spec, None, s["vocab_size"], work)[1]
         tok.save_pretrained(tmp)
-    if _Vocab(tmp).eos_token_id is None:
+    if Vocab(tmp).eos_token_id is None:
         raise UsageError(f"tokenizer {spec} has no eos token; prepare ends each document with it. Give one with eos_token")
     os.rename(tmp, final)
     return final
 
 
-def _pass_encode(s: dict, out: Path, pool: _Pool, split: np.ndarray, batch_chars: int, key: str) -> dict:
+def encode_args(s: dict, out: Path) -> tuple:
+    """encode()'s arguments after the texts."""
+    tok = Vocab(out / "tokenizer")
+    return str(out / "tokenizer" / "tokenizer.json"), _rewrites(s), tok.eos_token_id, tok.dtype
+
+
+def _pass_encode(s: dict, out: Path, pool: Pool, split: np.ndarray, batch_chars: int, key: str) -> dict:
     """Pass 3: the shards of both splits; returns each split's shard list."""
-    tok = _Vocab(out / "tokenizer")
-    dtype = tok.dtype
+    def tokens(wanted):
+        for idx, ids in pool.map(encode, batches(kept(s, split, wanted), batch_chars), *encode_args(s, out)):
+            yield from zip(idx, ids)
+    return write_shards(s, out, key, split, tokens)
+
+
+def write_shards(s: dict, out: Path, key: str, split: np.ndarray, tokens) -> dict:
+    """The shards of both splits from `tokens(wanted)`: (index, token ids) of the kept documents that pass
+    `wanted(index, split code)`, in order (a resumed run asks only for those after its last complete shard)."""
+    dtype = Vocab(out / "tokenizer").dtype
     progress_path = out / ".progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"key": key, "splits": {}}
 
@@ -258,13 +190,10 @@ def _pass_encode(s: dict, out: Path, pool: _Pool, split: np.ndarray, batch_chars
     start = {c: w.state["next_doc"] for c, w in writers.items()}  # None: that split is finished
     if all(v is None for v in start.values()):
         return {w.split: w.state["shards"] for w in writers.values()}
-    docs = _kept(s, split, lambda i, c: start[c] is not None and i >= start[c])
-    args = str(out / "tokenizer" / "tokenizer.json"), _rewrites(s), tok.eos_token_id, dtype
-    for idx, ids in pool.map(_encode, _batches(docs, batch_chars), *args):
-        for i, a in zip(idx, ids):
-            c = int(split[i])
-            skip = writers[c].state["skip_tokens"] if i == start[c] else 0
-            writers[c].add(a[skip:], i, skip)
+    for i, a in tokens(lambda i, c: start[c] is not None and i >= start[c]):
+        c = int(split[i])
+        skip = writers[c].state["skip_tokens"] if i == start[c] else 0
+        writers[c].add(a[skip:], i, skip)
     for w in writers.values():
         w.close()
     return {w.split: w.state["shards"] for w in writers.values()}
@@ -274,6 +203,33 @@ def _pass_encode(s: dict, out: Path, pool: _Pool, split: np.ndarray, batch_chars
 
 def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float = 4.0, **settings) -> Path:
     """Prepare `source` into `out_dir` (see the module docstring); settings are DEFAULTS' keys. Returns out_dir."""
+    s, files, key = check_settings(source, workers, batch_mb, settings)
+    out = Path(out_dir).expanduser()
+    if start_out_dir(out, key):
+        log.info("already prepared: %s", out)
+        return out
+    work = out / ".work"
+    t0 = time.perf_counter()
+    # batch_mb a task, but at most 1/8 of a worker's share of the corpus: a small corpus in a few big batches
+    # would leave a worker idle for the last of them
+    share = sum(f[1] for f in files) / (8 * max(workers, 1)) if files else float("inf")
+    batch_chars = int(min(batch_mb * 1e6, max(share, 1 << 16)))
+    pool = Pool(workers, s["filters"], s["dedup"])
+    try:
+        info = _pass_analyse(s, work, pool, batch_chars)
+        log.info("prepare: analysed %d documents in %.1f s", info["documents_in"], time.perf_counter() - t0)
+        split = np.load(work / "split.npy")
+        prepare_tokenizer(s, out, work, pool, split, batch_chars)
+        log.info("prepare: tokenizer ready at %.1f s", time.perf_counter() - t0)
+        shards = _pass_encode(s, out, pool, split, batch_chars, key)
+    finally:
+        pool.close()
+    finish(s, out, key, info, shards, time.perf_counter() - t0)
+    return out
+
+
+def check_settings(source: str, workers: int, batch_mb: float, settings: dict) -> tuple[dict, list | None, str]:
+    """(the settings checked and completed, the source files' fingerprint, the key naming both)."""
     unknown = set(settings) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown settings {sorted(unknown)}")
@@ -282,45 +238,35 @@ def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float 
     s["dedup"] = quality.parse(s["dedup"], quality.DEDUP, "dedup method")
     if not 0 < s["val_fraction"] < 1 or s["shard_tokens"] < 1 or s["sample_mb"] <= 0 or batch_mb <= 0 or workers < 0:
         raise UsageError("need 0 < val_fraction < 1, shard_tokens >= 1, sample_mb > 0, batch_mb > 0 and workers >= 0")
-    out = Path(out_dir).expanduser()
     files = fingerprint(s["source"])
     key = hashlib.sha256(json.dumps({**s, "fingerprint": files, "version": VERSION}, sort_keys=True).encode()).hexdigest()
+    return s, files, key
+
+
+def start_out_dir(out: Path, key: str) -> bool:
+    """True if `out` is prepared with `key` already; else makes sure it is new, empty or this key's (resumed)."""
     manifest_path = out / "manifest.json"
     for path in (manifest_path, out / ".progress.json"):
         if path.is_file() and json.loads(path.read_text()).get("key") != key:
             raise UsageError(f"{out} holds a preparation with other settings or source files; use a new OUT_DIR or delete it")
     if manifest_path.is_file():
-        log.info("already prepared: %s", out)
-        return out
+        return True
     if out.exists() and (not out.is_dir() or not (out / ".work").is_dir() and any(out.iterdir())):
         raise UsageError(f"{out} exists and is not a prepared directory; use a new or empty OUT_DIR")
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    # batch_mb a task, but at most 1/8 of a worker's share of the corpus: a small corpus in a few big batches
-    # would leave a worker idle for the last of them
-    share = sum(f[1] for f in files) / (8 * max(workers, 1)) if files else float("inf")
-    batch_chars = int(min(batch_mb * 1e6, max(share, 1 << 16)))
-    pool = _Pool(workers, s["filters"], s["dedup"])
-    try:
-        info = _pass_analyse(s, work, pool, batch_chars)
-        log.info("prepare: analysed %d documents in %.1f s", info["documents_in"], time.perf_counter() - t0)
-        split = np.load(work / "split.npy")
-        tok_dir = _pass_tokenizer(s, out, work, pool, split, batch_chars)
-        log.info("prepare: tokenizer ready at %.1f s", time.perf_counter() - t0)
-        shards = _pass_encode(s, out, pool, split, batch_chars, key)
-    finally:
-        pool.close()
-    manifest = _manifest(s, key, info, shards, tok_dir, time.perf_counter() - t0)
-    atomic_json(manifest_path, manifest)
-    shutil.rmtree(work, ignore_errors=True)
+    (out / ".work").mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def finish(s: dict, out: Path, key: str, info: dict, shards: dict, seconds: float) -> None:
+    """manifest.json last (the directory is complete when it has one), then the work files go."""
+    atomic_json(out / "manifest.json", _manifest(s, key, info, shards, out / "tokenizer", seconds))
+    shutil.rmtree(out / ".work", ignore_errors=True)
     (out / ".progress.json").unlink(missing_ok=True)
-    return out
 
 
 def _manifest(s: dict, key: str, info: dict, shards: dict, tok_dir: Path, seconds: float) -> dict:
     from zerokit.data.tokenizer import TRAIN_KINDS, token_byte_lengths, tokenizer_hash
-    tok = _Vocab(tok_dir)
+    tok = Vocab(tok_dir)
     np.save(tok_dir.parent / "token_bytes.npy", token_byte_lengths(tok))
     splits = {name: {**info["splits"][name], "tokens": sum(x["tokens"] for x in shards[name]), "shards": shards[name]}
               for name in SPLITS.values()}
@@ -372,11 +318,21 @@ def prepare_main(argv: list[str]) -> int:
     p.add_argument("--shard-tokens", type=int, default=DEFAULTS["shard_tokens"], help="tokens per shard")
     p.add_argument("--sample-mb", type=float, default=DEFAULTS["sample_mb"], help="text the tokenizer trains on")
     p.add_argument("--batch-mb", type=float, default=4.0, help="text per worker task (memory: ~2 x workers x this)")
+    p.add_argument("--slurm-tasks", type=int, default=0, help="run as SLURM array jobs of this many tasks instead "
+                   "(zerokit.data.prepare_slurm: submits and returns; the same OUT_DIR as a local run)")
+    p.add_argument("--sbatch", default="", help="with --slurm-tasks: extra sbatch options, e.g. '--partition=cpu'")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = prepare(a.source, a.out_dir, a.workers, a.batch_mb, text_field=a.text_field, filters=a.filters,
-                  dedup=a.dedup, tokenizer=a.tokenizer, vocab_size=a.vocab_size, shard_tokens=a.shard_tokens,
-                  val_fraction=a.val_fraction, sample_mb=a.sample_mb)
+    settings = dict(text_field=a.text_field, filters=a.filters, dedup=a.dedup, tokenizer=a.tokenizer,
+                    vocab_size=a.vocab_size, shard_tokens=a.shard_tokens, val_fraction=a.val_fraction,
+                    sample_mb=a.sample_mb)
+    if a.slurm_tasks:
+        from zerokit.data.prepare_slurm import submit
+        jobs = submit(a.source, a.out_dir, a.slurm_tasks, a.sbatch.split(), a.batch_mb, **settings)
+        print(f"submitted jobs {' '.join(map(str, jobs))} (analyse, tokenizer, encode, merge); the last writes "
+              f"{a.out_dir}/manifest.json" if jobs else f"already prepared: {a.out_dir}")
+        return 0
+    out = prepare(a.source, a.out_dir, a.workers, a.batch_mb, **settings)
     print(report(json.loads((out / "manifest.json").read_text())))
     print(f"prepared: {out}")
     return 0
