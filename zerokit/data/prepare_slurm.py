@@ -12,7 +12,8 @@ Documents are numbered as a local run numbers them (sorted files, then file orde
 document does not depend on its neighbours, so the shards are the local run's. A source that is one file
 (or a datasets stream) is one analyse and one encode task. Each task writes its files atomically, so a
 task SLURM requeues starts again cleanly; the merge resumes from its last complete shard like a local run.
-Each task runs in one process (the array is the parallelism); .work/log/ holds the jobs' output.
+Each task runs in one process (the array is the parallelism). OUT_DIR/slurm/ holds the batch script and
+the jobs' output (.work goes when the merge is done).
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ def plan(source: str, out_dir, tasks: int, batch_mb: float = 4.0, **settings) ->
     if P.start_out_dir(out, key):
         return 0
     files = [str(f) for f in source_files(s["source"]) or [s["source"]]]
-    (out / ".work" / "log").mkdir(parents=True, exist_ok=True)
+    (out / "slurm").mkdir(parents=True, exist_ok=True)
     atomic_json(out / ".work" / "slurm.json", {"settings": s, "key": key, "files": files, "tasks": min(tasks, len(files)),
                                                "batch_chars": int(batch_mb * 1e6), "submitted": time.time()})
-    (out / ".work" / "prepare.sbatch").write_text(f"#!/bin/bash\nexec {sys.executable} -m zerokit.data.prepare_slurm \"$@\"\n")
+    (out / "slurm" / "prepare.sbatch").write_text(f"#!/bin/bash\nexec {sys.executable} -m zerokit.data.prepare_slurm \"$@\"\n")
     return min(tasks, len(files))
 
 
@@ -58,10 +59,10 @@ def submit(source: str, out_dir, tasks: int, sbatch_args=(), batch_mb: float = 4
     if not n:
         return []
     out = Path(out_dir).expanduser().resolve()
-    work, script, array = out / ".work", out / ".work" / "prepare.sbatch", f"--array=0-{n - 1}"
+    script, array = out / "slurm" / "prepare.sbatch", f"--array=0-{n - 1}"
     jobs: list[int] = []
     for stage in STAGES:
-        cmd = ["sbatch", "--parsable", f"--job-name=prepare-{stage}", f"--output={work}/log/{stage}-%A_%a.out",
+        cmd = ["sbatch", "--parsable", f"--job-name=prepare-{stage}", f"--output={out}/slurm/{stage}-%A_%a.out",
                *([array] if stage in ("analyse", "encode") else []),
                *([f"--dependency=afterok:{jobs[-1]}", "--kill-on-invalid-dep=yes"] if jobs else []),
                *sbatch_args, str(script), stage, str(out)]
