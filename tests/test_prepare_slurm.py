@@ -54,14 +54,18 @@ def test_stages_one_after_the_other_give_the_local_directory(corpus, local, tmp_
 @pytest.mark.slurm
 def test_slurm_array_jobs_give_the_local_directory(slurm, corpus, local, tmp_path):
     out = tmp_path / "out"
-    r = slurm.run(BIN / "zerokit", "prepare", corpus, out, "--slurm-tasks", "2", *CLI)
+    # 2 CPUs a task: a test node has 2, so the two tasks of an array run on the two nodes at once
+    r = slurm.run(BIN / "zerokit", "prepare", corpus, out, "--slurm-tasks", "2", "--sbatch=--cpus-per-task=2", *CLI)
     jobs = [int(j) for j in re.search(r"submitted jobs ([\d ]+)", r.stdout).group(1).split()]
     assert len(jobs) == 4
     final = slurm.wait(jobs[-1], timeout=600)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((out / "slurm").glob("*.out")))
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{logs}"
+    nodes = set()
     for stage, job in zip(STAGES, jobs):  # the arrays ran 2 tasks each, the others one
-        names = sorted(p.name for p in (out / "slurm").glob(f"{stage}-{job}_*.out"))
-        assert len(names) == (2 if stage in ("analyse", "encode") else 1), (stage, names)
+        found = sorted((out / "slurm").glob(f"{stage}-{job}_*.out"))
+        assert len(found) == (2 if stage in ("analyse", "encode") else 1), (stage, found)
+        nodes |= {re.search(r"\(node (\w+)\)", p.read_text()).group(1) for p in found}
+    assert nodes == {"n1", "n2"}, logs
     _same_as_local(local, out)
     print("\n" + logs)
