@@ -1,6 +1,7 @@
 """`zerokit prepare SOURCE OUT_DIR`: a corpus -> filtered, deduplicated, tokenized fixed-size token shards.
 
-Three streaming passes over the source (zerokit.data.sources), in worker processes:
+Three streaming passes over the source (zerokit.data.sources), in worker processes (zerokit.data.prepare_workers;
+one pool for all three; zerokit.data.prepare_slurm runs the same passes as SLURM array jobs):
   1. analyse   the quality filters and the dedup keys of each document (zerokit.data.quality); then the
                duplicates are resolved and each kept document is put in train or val (whole documents:
                every 1/val_fraction-th kept one, spread over the corpus, not its tail)

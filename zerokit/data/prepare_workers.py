@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -55,10 +56,14 @@ def encode(texts: list[str], tokenizer_json: str, rewrites: bool, eos: int, dtyp
 class Pool:
     """Ordered map over batches with at most 2 x workers batches in flight (memory bounded); workers=0, or
     map(inline=True) for work too light to ship to a worker, runs in this process. The workers start at once
-    (spawn costs each an interpreter and its imports), so their start-up overlaps whatever runs inline first."""
+    (spawn costs each an interpreter and its imports), so their start-up overlaps whatever runs inline first.
+    They are forked where that is safe (Linux, torch not loaded: its thread pools do not survive a fork, and a
+    recipe may call prepare): a fork costs ~0.01 CPU s, a spawn ~0.4 (a tenth of encoding 11 MB on 2 cores)."""
 
     def __init__(self, workers: int, *init):
-        self.pool = ProcessPoolExecutor(workers, get_context("spawn"), _init_worker, init) if workers else None
+        fork = sys.platform == "linux" and "torch" not in sys.modules
+        ctx = get_context("fork" if fork else "spawn")
+        self.pool = ProcessPoolExecutor(workers, ctx, _init_worker, init) if workers else None
         self.depth, self.init = 2 * max(workers, 1), init
         for _ in range(workers):
             self.pool.submit(int)
