@@ -26,6 +26,7 @@ _W: dict = {}  # this worker's state: the cleaner (filters, dedup) and the token
 def _init_worker(filters: list[str], dedup: list[str]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
     _W["cleaner"] = quality.Cleaner(filters, dedup) if filters or dedup else None
+    _W["init"] = (filters, dedup)
 
 
 def analyse(texts: list[str]) -> np.ndarray:
@@ -70,7 +71,7 @@ class Pool:
 
     def map(self, fn, batches, *args, inline: bool = False):
         pool = None if inline else self.pool
-        if pool is None and "cleaner" not in _W:
+        if pool is None and _W.get("init") != self.init:  # this process as the worker, for these settings
             _init_worker(*self.init)
         pending = deque()
         for meta, texts in batches:
