@@ -27,6 +27,13 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def slurm():
+    """The 2-node SLURM test cluster (tests/slurm_cluster.py), up once a session for every test that asks."""
+    from slurm_cluster import cluster
+    yield from cluster()
+
+
+@pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
 

@@ -9,7 +9,7 @@ from zerokit.errors import UsageError
 
 COMMANDS = {
     "train": ("zerokit.recipe", "train_main", "run a recipe: pretrain_gpt, finetune_sentiment, finetune_summarization"),
-    "prepare": ("zerokit.data.prepare", "prepare_main", "corpus -> filtered, deduplicated token shards + manifest.json"),
+    "prepare": ("zerokit.data.prepare_cli", "prepare_main", "corpus -> filtered, deduplicated token shards + manifest.json"),
     "configs": ("zerokit.resources", "configs_main", "copy the recipe YAMLs and DeepSpeed JSONs out, for editing"),
     "export": ("zerokit.export", "export_main", "checkpoint -> Hugging Face model directory"),
     "warm-start": ("zerokit.models", "warm_start_main", "a causal LM or encoder-decoder from a pretrained encoder (MiniLM)"),

@@ -1,6 +1,7 @@
 """`zerokit prepare SOURCE OUT_DIR`: a corpus -> filtered, deduplicated, tokenized fixed-size token shards.
 
-Three streaming passes over the source (zerokit.data.sources), in worker processes:
+Three streaming passes over the source (zerokit.data.sources), in worker processes (zerokit.data.prepare_workers;
+one pool for all three; zerokit.data.prepare_slurm runs the same passes as SLURM array jobs):
   1. analyse   the quality filters and the dedup keys of each document (zerokit.data.quality); then the
                duplicates are resolved and each kept document is put in train or val (whole documents:
                every 1/val_fraction-th kept one, spread over the corpus, not its tail)
@@ -16,21 +17,18 @@ per-document records live on disk.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from zerokit.data import quality
+from zerokit.data.prepare_workers import RECORD, Pool, Vocab, analyse, encode, rewrite
 from zerokit.data.shards import ShardWriter, atomic_json
 from zerokit.data.sources import fingerprint, iter_documents
 from zerokit.errors import UsageError
@@ -39,74 +37,15 @@ log = logging.getLogger("zerokit")
 
 VERSION = 1
 SPLITS = {1: "train", 2: "val"}
-RECORD = np.dtype([("status", "u1"), ("bytes_in", "<u8"), ("bytes", "<u8"), ("exact", "<u8"),
-                   ("bands", "<u8", (quality.BANDS,))])
 LANGUAGE_ID = ("not run: datatrove's LanguageFilter downloads its fastText model at run time, which an "
                "offline machine cannot do")
+# the files of a tokenizer directory that a given tokenizer is copied with
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece",
+                   "chat_template")
 DEFAULTS = {"text_field": "text", "filters": [], "dedup": [], "tokenizer": "train", "vocab_size": 4096,
             "shard_tokens": 1 << 24, "val_fraction": 0.01, "sample_mb": 100.0}
 
-# ---------------------------------------------------------------------------------------------- workers
-
-_W: dict = {}
-
-
-def _init_worker(filters: list[str], dedup: list[str], tokenizer_json: str | None) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
-    _W["cleaner"] = quality.Cleaner(filters, dedup) if filters or dedup else None
-    if tokenizer_json:
-        from tokenizers import Tokenizer
-        _W["tok"] = Tokenizer.from_file(tokenizer_json)
-
-
-def _analyse(texts: list[str]) -> np.ndarray:
-    out = np.zeros(len(texts), dtype=RECORD)
-    cleaner = _W["cleaner"]
-    for r, text in zip(out, texts):
-        r["bytes_in"] = len(text.encode("utf-8"))
-        status, kept = cleaner.clean(text) if cleaner else (quality.KEPT, text)
-        r["status"], r["bytes"] = status, len(kept.encode("utf-8"))
-        if status == quality.KEPT and cleaner:
-            r["exact"], r["bands"] = cleaner.keys(kept)
-    return out
-
-
-def _rewrite(texts: list[str]) -> list[str]:
-    cleaner = _W["cleaner"]
-    return [cleaner.clean(t, only_rewrites=True)[1] for t in texts] if cleaner else texts
-
-
-def _encode(texts: list[str], eos: int, dtype: str) -> list[np.ndarray]:
-    encs = _W["tok"].encode_batch_fast(_rewrite(texts), add_special_tokens=False)
-    return [np.array(e.ids + [eos], dtype=dtype) for e in encs]
-
-
-class _Pool:
-    """Ordered map over batches with at most 2 x workers batches in flight (memory bounded); workers=0 runs inline."""
-
-    def __init__(self, workers: int, *init):
-        self.pool = ProcessPoolExecutor(workers, get_context("spawn"), _init_worker, init) if workers else None
-        self.depth = 2 * max(workers, 1)
-        if not workers:
-            _init_worker(*init)
-
-    def map(self, fn, batches, *args):
-        pending = deque()
-        for meta, texts in batches:
-            pending.append((meta, self.pool.submit(fn, texts, *args) if self.pool else fn(texts, *args)))
-            if len(pending) >= self.depth:
-                meta, fut = pending.popleft()
-                yield meta, fut.result() if self.pool else fut
-        while pending:
-            meta, fut = pending.popleft()
-            yield meta, fut.result() if self.pool else fut
-
-    def close(self):
-        if self.pool:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def _batches(docs, batch_chars: int):
+def batches(docs, batch_chars: int):
     """(document indices, texts) groups of about batch_chars characters, from (index, text) pairs."""
     idx, texts, size = [], [], 0
     for i, t in docs:
@@ -122,14 +61,27 @@ def _batches(docs, batch_chars: int):
 
 # ---------------------------------------------------------------------------------------------- passes
 
-def _pass_analyse(s: dict, work: Path, pool: _Pool, batch_chars: int) -> dict:
+def write_records(s: dict, source: str, path: Path, pool: Pool, batch_chars: int) -> None:
+    """Pass 1's work: one RECORD a document of `source` (the corpus, or one of its files) into `path`."""
+    with open(path, "wb") as f:
+        docs = enumerate(iter_documents(source, s["text_field"]))
+        # without filters or dedup this pass only counts bytes: too little work to ship to the workers
+        for _, rec in pool.map(analyse, batches(docs, batch_chars), inline=not (s["filters"] or s["dedup"])):
+            f.write(rec.tobytes())
+
+
+def _pass_analyse(s: dict, work: Path, pool: Pool, batch_chars: int) -> dict:
     """Pass 1 -> work/records.bin (one RECORD a document), work/split.npy and the step counts."""
+    if not (work / "analyse.json").is_file():
+        write_records(s, s["source"], work / "records.bin", pool, batch_chars)
+    return resolve(s, work)
+
+
+def resolve(s: dict, work: Path) -> dict:
+    """work/records.bin -> the duplicates resolved, work/split.npy and the counts (work/analyse.json)."""
     done = work / "analyse.json"
     if done.is_file():
         return json.loads(done.read_text())
-    with open(work / "records.bin", "wb") as f:
-        for _, rec in pool.map(_analyse, _batches(enumerate(iter_documents(s["source"], s["text_field"])), batch_chars)):
-            f.write(rec.tobytes())
     rec = np.memmap(work / "records.bin", dtype=RECORD, mode="r+") if (work / "records.bin").stat().st_size else \
         np.zeros(0, RECORD)
     if len(rec) == 0:
@@ -164,43 +116,69 @@ def _pass_analyse(s: dict, work: Path, pool: _Pool, batch_chars: int) -> dict:
     return info
 
 
-def _kept(s: dict, split: np.ndarray, wanted):
-    """(index, text) of the documents whose split code passes `wanted(index, code)`."""
-    for i, text in enumerate(iter_documents(s["source"], s["text_field"])):
+def kept(s: dict, split: np.ndarray, wanted, source: str | None = None, first: int = 0):
+    """(index, text) of the documents whose split code passes `wanted(index, code)`; of one file of the
+    corpus (`source`, whose first document has index `first`), or of all of it."""
+    for i, text in enumerate(iter_documents(source or s["source"], s["text_field"]), first):
         if split[i] and wanted(i, split[i]):
             yield i, text
 
 
-def _pass_tokenizer(s: dict, out: Path, work: Path, pool: _Pool, split: np.ndarray, batch_chars: int) -> Path:
-    """Pass 2: OUT_DIR/tokenizer, trained on the first sample_mb of kept training text, or copied in."""
-    from transformers import AutoTokenizer
+def _rewrites(s: dict) -> bool:
+    """Whether a filter changes the text it keeps (then every pass after the first runs it again)."""
+    return any(f in quality.REWRITES for f in s["filters"])
 
-    from zerokit.data.tokenizer import TRAIN_KINDS, get_tokenizer, take_sample, train_tokenizer
+
+def prepare_tokenizer(s: dict, out: Path, work: Path, pool: Pool, split: np.ndarray, batch_chars: int) -> Path:
+    """Pass 2: OUT_DIR/tokenizer, trained on the first sample_mb of kept training text, or copied in."""
+    from zerokit.data.tokenizer import TRAIN_KINDS
     final = out / "tokenizer"
     if (final / "tokenizer.json").is_file():
         return final
-    spec = s["tokenizer"]
-    if spec in TRAIN_KINDS:
-        batches = pool.map(_rewrite, _batches(_kept(s, split, lambda i, c: c == 1), batch_chars))
-        sample = take_sample((t for _, texts in batches for t in texts), s["sample_mb"])
-        src = train_tokenizer(sample, s["vocab_size"], work / "tokenizer-cache", spec)
-        tok = AutoTokenizer.from_pretrained(src)
-    else:
-        tok = get_tokenizer(spec, None, s["vocab_size"], work)[1]
-    if tok.eos_token_id is None:
-        raise UsageError(f"tokenizer {spec} has no eos token; prepare ends each document with it. Give one with eos_token")
+    spec, given = s["tokenizer"], Path(s["tokenizer"]).expanduser()
     tmp = out / ".tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
+    if spec not in TRAIN_KINDS and (given / "tokenizer.json").is_file() and (given / "tokenizer_config.json").is_file():
+        tmp.mkdir()  # a tokenizer directory: its tokenizer files as they are (a model directory's weights stay)
+        for f in given.iterdir():
+            if f.is_file() and f.name.startswith(TOKENIZER_FILES):
+                shutil.copy(f, tmp / f.name)
+    else:
+        from transformers import AutoTokenizer
+
+        from zerokit.data.tokenizer import get_tokenizer, take_sample, train_tokenizer
+        if spec in TRAIN_KINDS:
+            docs = batches(kept(s, split, lambda i, c: c == 1), batch_chars)
+            texts = (t for _, b in (pool.map(rewrite, docs) if _rewrites(s) else docs) for t in b)
+            sample = take_sample(texts, s["sample_mb"])
+            tok = AutoTokenizer.from_pretrained(train_tokenizer(sample, s["vocab_size"], work / "tokenizer-cache", spec))
+        else:
+            tok = get_tokenizer(spec, None, s["vocab_size"], work)[1]
+        tok.save_pretrained(tmp)
+    if Vocab(tmp).eos_token_id is None:
+        raise UsageError(f"tokenizer {spec} has no eos token; prepare ends each document with it. Give one with eos_token")
     os.rename(tmp, final)
     return final
 
 
-def _pass_encode(s: dict, out: Path, pool_args: tuple, split: np.ndarray, batch_chars: int, key: str) -> dict:
+def encode_args(s: dict, out: Path) -> tuple:
+    """encode()'s arguments after the texts."""
+    tok = Vocab(out / "tokenizer")
+    return str(out / "tokenizer" / "tokenizer.json"), _rewrites(s), tok.eos_token_id, tok.dtype
+
+
+def _pass_encode(s: dict, out: Path, pool: Pool, split: np.ndarray, batch_chars: int, key: str) -> dict:
     """Pass 3: the shards of both splits; returns each split's shard list."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    dtype = np.dtype(np.uint16 if len(tok) < 2**16 else np.uint32).name
+    def tokens(wanted):
+        for idx, ids in pool.map(encode, batches(kept(s, split, wanted), batch_chars), *encode_args(s, out)):
+            yield from zip(idx, ids)
+    return write_shards(s, out, key, split, tokens)
+
+
+def write_shards(s: dict, out: Path, key: str, split: np.ndarray, tokens) -> dict:
+    """The shards of both splits from `tokens(wanted)`: (index, token ids) of the kept documents that pass
+    `wanted(index, split code)`, in order (a resumed run asks only for those after its last complete shard)."""
+    dtype = Vocab(out / "tokenizer").dtype
     progress_path = out / ".progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"key": key, "splits": {}}
 
@@ -212,16 +190,10 @@ def _pass_encode(s: dict, out: Path, pool_args: tuple, split: np.ndarray, batch_
     start = {c: w.state["next_doc"] for c, w in writers.items()}  # None: that split is finished
     if all(v is None for v in start.values()):
         return {w.split: w.state["shards"] for w in writers.values()}
-    pool = _Pool(pool_args[0], *pool_args[1:], str(out / "tokenizer" / "tokenizer.json"))
-    try:
-        docs = _kept(s, split, lambda i, c: start[c] is not None and i >= start[c])
-        for idx, ids in pool.map(_encode, _batches(docs, batch_chars), tok.eos_token_id, dtype):
-            for i, a in zip(idx, ids):
-                c = int(split[i])
-                skip = writers[c].state["skip_tokens"] if i == start[c] else 0
-                writers[c].add(a[skip:], i, skip)
-    finally:
-        pool.close()
+    for i, a in tokens(lambda i, c: start[c] is not None and i >= start[c]):
+        c = int(split[i])
+        skip = writers[c].state["skip_tokens"] if i == start[c] else 0
+        writers[c].add(a[skip:], i, skip)
     for w in writers.values():
         w.close()
     return {w.split: w.state["shards"] for w in writers.values()}
@@ -231,6 +203,33 @@ def _pass_encode(s: dict, out: Path, pool_args: tuple, split: np.ndarray, batch_
 
 def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float = 4.0, **settings) -> Path:
     """Prepare `source` into `out_dir` (see the module docstring); settings are DEFAULTS' keys. Returns out_dir."""
+    s, files, key = check_settings(source, workers, batch_mb, settings)
+    out = Path(out_dir).expanduser()
+    if start_out_dir(out, key):
+        log.info("already prepared: %s", out)
+        return out
+    work = out / ".work"
+    t0 = time.perf_counter()
+    # batch_mb a task, but at most 1/8 of a worker's share of the corpus: a small corpus in a few big batches
+    # would leave a worker idle for the last of them
+    share = sum(f[1] for f in files) / (8 * max(workers, 1)) if files else float("inf")
+    batch_chars = int(min(batch_mb * 1e6, max(share, 1 << 16)))
+    pool = Pool(workers, s["filters"], s["dedup"])
+    try:
+        info = _pass_analyse(s, work, pool, batch_chars)
+        log.info("prepare: analysed %d documents in %.1f s", info["documents_in"], time.perf_counter() - t0)
+        split = np.load(work / "split.npy")
+        prepare_tokenizer(s, out, work, pool, split, batch_chars)
+        log.info("prepare: tokenizer ready at %.1f s", time.perf_counter() - t0)
+        shards = _pass_encode(s, out, pool, split, batch_chars, key)
+    finally:
+        pool.close()
+    finish(s, out, key, info, shards, time.perf_counter() - t0)
+    return out
+
+
+def check_settings(source: str, workers: int, batch_mb: float, settings: dict) -> tuple[dict, list | None, str]:
+    """(the settings checked and completed, the source files' fingerprint, the key naming both)."""
     unknown = set(settings) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown settings {sorted(unknown)}")
@@ -239,46 +238,35 @@ def prepare(source: str, out_dir: str | Path, workers: int = 2, batch_mb: float 
     s["dedup"] = quality.parse(s["dedup"], quality.DEDUP, "dedup method")
     if not 0 < s["val_fraction"] < 1 or s["shard_tokens"] < 1 or s["sample_mb"] <= 0 or batch_mb <= 0 or workers < 0:
         raise UsageError("need 0 < val_fraction < 1, shard_tokens >= 1, sample_mb > 0, batch_mb > 0 and workers >= 0")
-    out = Path(out_dir).expanduser()
-    key = hashlib.sha256(json.dumps({**s, "fingerprint": fingerprint(s["source"]), "version": VERSION},
-                                    sort_keys=True).encode()).hexdigest()
+    files = fingerprint(s["source"])
+    key = hashlib.sha256(json.dumps({**s, "fingerprint": files, "version": VERSION}, sort_keys=True).encode()).hexdigest()
+    return s, files, key
+
+
+def start_out_dir(out: Path, key: str) -> bool:
+    """True if `out` is prepared with `key` already; else makes sure it is new, empty or this key's (resumed)."""
     manifest_path = out / "manifest.json"
     for path in (manifest_path, out / ".progress.json"):
         if path.is_file() and json.loads(path.read_text()).get("key") != key:
             raise UsageError(f"{out} holds a preparation with other settings or source files; use a new OUT_DIR or delete it")
     if manifest_path.is_file():
-        log.info("already prepared: %s", out)
-        return out
+        return True
     if out.exists() and (not out.is_dir() or not (out / ".work").is_dir() and any(out.iterdir())):
         raise UsageError(f"{out} exists and is not a prepared directory; use a new or empty OUT_DIR")
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    batch_chars = int(batch_mb * 1e6)
-    init = (workers, s["filters"], s["dedup"])
-    # without filters or dedup the first two passes only count bytes: no worker would earn its start-up
-    pool = _Pool(workers if s["filters"] or s["dedup"] else 0, s["filters"], s["dedup"], None)
-    try:
-        info = _pass_analyse(s, work, pool, batch_chars)
-        log.info("prepare: analysed %d documents in %.1f s", info["documents_in"], time.perf_counter() - t0)
-        split = np.load(work / "split.npy")
-        tok_dir = _pass_tokenizer(s, out, work, pool, split, batch_chars)
-    finally:
-        pool.close()
-    log.info("prepare: tokenizer ready at %.1f s", time.perf_counter() - t0)
-    shards = _pass_encode(s, out, init, split, batch_chars, key)
-    manifest = _manifest(s, key, info, shards, tok_dir, time.perf_counter() - t0)
-    atomic_json(manifest_path, manifest)
-    shutil.rmtree(work, ignore_errors=True)
+    (out / ".work").mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def finish(s: dict, out: Path, key: str, info: dict, shards: dict, seconds: float) -> None:
+    """manifest.json last (the directory is complete when it has one), then the work files go."""
+    atomic_json(out / "manifest.json", _manifest(s, key, info, shards, out / "tokenizer", seconds))
+    shutil.rmtree(out / ".work", ignore_errors=True)
     (out / ".progress.json").unlink(missing_ok=True)
-    return out
 
 
 def _manifest(s: dict, key: str, info: dict, shards: dict, tok_dir: Path, seconds: float) -> dict:
-    from transformers import AutoTokenizer
-
     from zerokit.data.tokenizer import TRAIN_KINDS, token_byte_lengths, tokenizer_hash
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = Vocab(tok_dir)
     np.save(tok_dir.parent / "token_bytes.npy", token_byte_lengths(tok))
     splits = {name: {**info["splits"][name], "tokens": sum(x["tokens"] for x in shards[name]), "shards": shards[name]}
               for name in SPLITS.values()}
@@ -289,7 +277,7 @@ def _manifest(s: dict, key: str, info: dict, shards: dict, tok_dir: Path, second
         "tokens": sum(x["tokens"] for x in splits.values()), "steps": info["steps"],
         "bytes_rewritten_away": info["bytes_rewritten_away"], "filters": s["filters"], "dedup": s["dedup"],
         "language_id": LANGUAGE_ID, "val_fraction": s["val_fraction"], "shard_tokens": s["shard_tokens"],
-        "dtype": np.dtype(np.uint16 if len(tok) < 2**16 else np.uint32).name, "vocab_size": len(tok),
+        "dtype": tok.dtype, "vocab_size": len(tok),
         "eos_id": tok.eos_token_id, "splits": splits, "seconds": round(seconds, 2),
         "tokenizer": {"dir": "tokenizer", "spec": s["tokenizer"], "hash": tokenizer_hash(tok),
                       "sample_mb": s["sample_mb"] if s["tokenizer"] in TRAIN_KINDS else None},
@@ -308,36 +296,6 @@ def report(manifest: dict) -> str:
                  f"(train {sp['train']['tokens']:,} in {len(sp['train']['shards'])} shard(s), val {sp['val']['tokens']:,}) "
                  f"in {manifest['seconds']:.0f} s; language id {manifest['language_id'].split(':')[0]}")
     return "\n".join(lines)
-
-
-def prepare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="zerokit prepare", description=__doc__.split("\n\n")[0],
-                                epilog="example:\n  zerokit prepare 'data/*.jsonl.gz' prepared/web --dedup "
-                                       "--filters all --tokenizer sentencepiece_unigram --workers 8",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a .txt/.jsonl/.jsonl.gz/.parquet file, a folder or glob of them, or a datasets name")
-    p.add_argument("out_dir", help="the prepared directory (a rerun with the same arguments resumes it)")
-    p.add_argument("--dedup", nargs="?", const="exact,minhash", default="",
-                   help="duplicate removal: exact, minhash, or both (the default when given bare; a bare "
-                        "--dedup goes after SOURCE OUT_DIR, or write --dedup=exact,minhash)")
-    p.add_argument("--filters", default="", help="comma list of " + ", ".join(quality.FILTERS) + ", or all")
-    p.add_argument("--tokenizer", default="train", help="train (byte-level BPE), sentencepiece_bpe, "
-                   "sentencepiece_unigram, a tokenizer directory or a hub name")
-    p.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"])
-    p.add_argument("--workers", type=int, default=2, help="worker processes (0: in this process)")
-    p.add_argument("--text-field", default="text", help="JSONL/parquet/datasets field(s); a comma list joins them")
-    p.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"])
-    p.add_argument("--shard-tokens", type=int, default=DEFAULTS["shard_tokens"], help="tokens per shard")
-    p.add_argument("--sample-mb", type=float, default=DEFAULTS["sample_mb"], help="text the tokenizer trains on")
-    p.add_argument("--batch-mb", type=float, default=4.0, help="text per worker task (memory: ~2 x workers x this)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = prepare(a.source, a.out_dir, a.workers, a.batch_mb, text_field=a.text_field, filters=a.filters,
-                  dedup=a.dedup, tokenizer=a.tokenizer, vocab_size=a.vocab_size, shard_tokens=a.shard_tokens,
-                  val_fraction=a.val_fraction, sample_mb=a.sample_mb)
-    print(report(json.loads((out / "manifest.json").read_text())))
-    print(f"prepared: {out}")
-    return 0
 
 
 def is_prepared(path) -> bool:

@@ -24,8 +24,8 @@ def _kind(path: Path) -> str | None:
 
 def source_files(source: str) -> list[Path] | None:
     """The files a local source reads, in order; None for a datasets name."""
-    from zerokit.data.packed import DEFAULT_CORPUS
     if source in ("", "tinyshakespeare"):
+        from zerokit.data.packed import DEFAULT_CORPUS  # here only: packed imports torch (seconds of start-up)
         return [DEFAULT_CORPUS]
     path = Path(source).expanduser()
     if any(c in source for c in "*?["):

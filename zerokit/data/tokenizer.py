@@ -15,14 +15,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from zerokit.data.spm import KINDS as SP_KINDS
 from zerokit.errors import UsageError
+
+if TYPE_CHECKING:  # transformers is imported where it is used: `zerokit prepare` with a given tokenizer never needs it
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger("zerokit")
 
@@ -113,6 +115,7 @@ def train_tokenizer(corpus: Iterable[str | os.PathLike], vocab_size: int, cache_
 
 
 def _train_byte_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -150,6 +153,7 @@ def get_tokenizer(
         raise UsageError(f"tokenizer directory not found: {spec}; pass an existing directory, a hub name, or 'train'")
     else:
         name = str(spec)  # a hub name such as "gpt2"
+    from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:  # hub names fail offline with OSError
