@@ -235,3 +235,135 @@ def test_eval_batches_pad_short_ranks(packed):
     assert [len(b) for b in per_rank] == [2] * world
     assert [b[1]["weight"] for b in per_rank] == [1] + [0] * (world - 1)
     assert per_rank[1][1]["target_bytes"] == 0 and per_rank[1][1]["input_ids"].shape == (1, block)
+
+
+# ------------------------------------------------------------------ the loader on a prepared (sharded) directory
+
+class CountingTokens:
+    """A token array that records every index read through it (what a rank's loader touches)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.reads = tokens, []
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, idx):
+        self.reads.append(np.asarray(idx).ravel().copy())
+        return self.tokens[idx]
+
+    def indices(self) -> np.ndarray:
+        return np.concatenate(self.reads) if self.reads else np.empty(0, dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def prepared(data_dir, tmp_path_factory):
+    """tiny-shakespeare's first 120 kB as ~900 JSONL documents, prepared into ~40 shards of 2,000 tokens."""
+    from zerokit.data.prepare import prepare
+    work = tmp_path_factory.mktemp("prepared")
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:120_000]
+    (work / "src.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in text.split("\n\n")))
+    return prepare(str(work / "src.jsonl"), work / "out", workers=0, vocab_size=300, shard_tokens=2000, val_fraction=0.1)
+
+
+def _shard_tokens(prepared, split):
+    """The split's shards read straight from their files, concatenated: the reference token stream."""
+    shards = read_index(prepared)["splits"][split]["shards"]
+    return np.concatenate([np.fromfile(prepared / s["file"], dtype=np.uint16) for s in shards])
+
+
+def _stream_starts(n_tokens, block, seed, samples):
+    """Window start of each global sample, from BlockLoader's documented contract (not its code)."""
+    n = (n_tokens - block) // block
+    epochs = {}
+    for e in {g // n for g in samples}:
+        rng = np.random.default_rng([seed, e])
+        epochs[e] = (int(rng.integers(block)), rng.permutation(n))
+    return np.array([epochs[g // n][0] + epochs[g // n][1][g % n] * block for g in samples])
+
+
+def _counted(prepared, world, micro, accum, state=None, block=32, seed=5):
+    loaders = []
+    for r in range(world):
+        loader = BlockLoader(prepared, "train", block, micro, accum, r, world, seed)
+        loader.tokens = CountingTokens(loader.tokens)
+        if state:
+            loader.load_state_dict(state)
+        loaders.append(loader)
+    return loaders
+
+
+def test_prepared_ranks_read_only_their_windows(prepared):
+    block, world, micro, accum, steps, seed = 32, 4, 2, 2, 5, 5
+    reference = _shard_tokens(prepared, "train")
+    loaders = _counted(prepared, world, micro, accum, block=block, seed=seed)
+    assert len(reference) == len(loaders[0].tokens) > 40 * 1000  # dozens of shards; windows cross their boundaries
+    assert all(not loader.tokens.reads for loader in loaders)  # opening reads nothing
+    served = [[] for _ in range(world)]
+    for _ in range(steps):
+        for r, loader in enumerate(loaders):
+            served[r].extend(loader.next_window())
+    window = np.arange(block + 1)
+    read_sets = []
+    for r, loader in enumerate(loaders):
+        # rank r's micro-batch k of step s holds global samples s*G + (k*world + r)*B + [0, B)
+        samples = [s * world * micro * accum + (k * world + r) * micro + j
+                   for s in range(steps) for k in range(accum) for j in range(micro)]
+        starts = _stream_starts(len(reference), block, seed, samples)
+        read = loader.tokens.indices()
+        assert np.array_equal(np.sort(read), np.sort((starts[:, None] + window).ravel()))  # exactly its windows
+        rows = torch.cat([torch.cat([b["input_ids"], b["targets"][:, -1:]], 1) for b in served[r]])
+        assert np.array_equal(rows.numpy(), reference[starts[:, None] + window])  # the right tokens, across shards
+        read_sets.append(set(read.tolist()))
+    consumed = steps * world * micro * accum * (block + 1)
+    for r, mine in enumerate(read_sets):
+        assert len(loaders[r].tokens.indices()) == consumed // world  # 1/world of what the step consumed
+        for other in read_sets[r + 1:]:
+            assert len(mine & other) <= 2 * steps * micro * accum  # windows share at most their end tokens
+    assert len(set().union(*read_sets)) < len(reference) / 3  # nobody swept the corpus
+
+
+def test_prepared_resume_at_other_world_sizes_continues_the_stream(prepared):
+    def run(loaders, steps):
+        per_step = []
+        for _ in range(steps):
+            for loader in loaders:
+                loader.tokens.reads.clear()
+                loader.next_window()
+            per_step.append(np.sort(np.concatenate([loader.tokens.indices() for loader in loaders])))
+        return per_step, loaders[0].state_dict()
+
+    straight, _ = run(_counted(prepared, 1, 4, 3), 7)  # global batch 12 on one rank
+    first, state = run(_counted(prepared, 2, 3, 2), 3)  # 12 = 2 ranks x 3 x 2
+    assert all(np.array_equal(a, b) for a, b in zip(first, straight[:3]))
+    for world, micro, accum in [(3, 2, 2), (4, 3, 1), (6, 1, 2)]:
+        resumed, _ = run(_counted(prepared, world, micro, accum, state=state), 4)
+        assert all(np.array_equal(a, b) for a, b in zip(resumed, straight[3:]))
+
+
+def test_epochs_reshuffle_deterministically_and_differently(prepared):
+    block, seed = 32, 5
+    a, b = BlockLoader(prepared, block_size=block, seed=seed), BlockLoader(prepared, block_size=block, seed=seed)
+    n = a.windows_per_epoch
+    epochs = [a._starts(np.arange(e * n, (e + 1) * n)) for e in range(3)]
+    for e, starts in enumerate(epochs):
+        assert np.array_equal(starts, b._starts(np.arange(e * n, (e + 1) * n)))  # another process agrees
+        assert np.array_equal(starts, _stream_starts(len(a.tokens), block, seed, range(e * n, (e + 1) * n)))
+        offset = starts.min()
+        assert np.array_equal(np.sort(starts), offset + block * np.arange(n))  # each window once an epoch
+    orders = [np.argsort(s) for s in epochs]
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])  # new order
+    assert len({int(s.min()) for s in epochs}) > 1  # and new boundaries
+    other = BlockLoader(prepared, block_size=block, seed=seed + 1)._starts(np.arange(n))
+    assert not np.array_equal(other, epochs[0])
+
+
+def test_prepared_truncated_shard_is_named(prepared, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    shard = copy / read_index(copy)["splits"]["train"]["shards"][3]["file"]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 2)
+    with pytest.raises(UsageError, match=f"{shard.name}.*prepare the corpus again"):
+        BlockLoader(copy, block_size=32)

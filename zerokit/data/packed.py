@@ -260,7 +260,14 @@ def _open_split(data_dir: str | Path, split: str) -> np.memmap:
         raise UsageError(f"no split {split!r} in {data_dir}; use one of {sorted(index['splits'])}")
     if "shards" in index["splits"][split]:  # a prepared directory: the split's shards as one array
         from zerokit.data.shards import ShardedTokens
-        return ShardedTokens(data_dir, index["splits"][split]["shards"], index["dtype"])
+        shards, itemsize = index["splits"][split]["shards"], np.dtype(index["dtype"]).itemsize
+        for s in shards:  # sizes only (a stat each): no rank reads or hashes the shards to open them
+            path = Path(data_dir) / s["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != s["tokens"] * itemsize:
+                raise UsageError(f"shard {path} is {'missing' if size is None else f'{size} bytes'}, its manifest says "
+                                 f"{s['tokens'] * itemsize}; prepare the corpus again (zerokit prepare) into a new folder")
+        return ShardedTokens(data_dir, shards, index["dtype"])
     return np.memmap(Path(data_dir) / f"{split}.bin", dtype=index["dtype"], mode="r")
 
 
