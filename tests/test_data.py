@@ -367,3 +367,66 @@ def test_prepared_truncated_shard_is_named(prepared, tmp_path):
         f.truncate(shard.stat().st_size - 2)
     with pytest.raises(UsageError, match=f"{shard.name}.*prepare the corpus again"):
         BlockLoader(copy, block_size=32)
+
+
+# ------------------------------------------------------------------ the recipe's raw corpus: packer or zerokit prepare
+
+def _data_cfg(corpus, **over):
+    from zerokit.config import Config
+    return Config(**{"corpus": str(corpus), "text_field": "text", "tokenizer": "train", "vocab_size": 300,
+                     "val_fraction": 0.1, "prepare": "auto", **over})
+
+
+def test_which_corpora_go_through_prepare(tmp_path):
+    from zerokit.pretraining import PREPARE_MIN_MB, wants_prepare
+    text = tmp_path / "one.txt"
+    text.write_text("a text\n" * 100)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.jsonl").write_text('{"text": "x"}\n' * 10)
+    (small / "b.txt").write_text("y")
+    assert not wants_prepare(_data_cfg(text)) and not wants_prepare(_data_cfg("tinyshakespeare"))  # one document
+    assert not wants_prepare(_data_cfg(small)) and wants_prepare(_data_cfg(small, prepare="always"))
+    assert wants_prepare(_data_cfg("someone/corpus")) and wants_prepare(_data_cfg(f"{small}/*.jsonl"))
+    assert not wants_prepare(_data_cfg("someone/corpus", prepare="never"))
+    (small / "c.jsonl.gz").write_bytes(b"")  # a format only prepare reads
+    assert wants_prepare(_data_cfg(small))
+    (small / "c.jsonl.gz").unlink()
+    with (small / "big.jsonl").open("wb") as f:  # sparse: its size is all that is looked at
+        f.truncate(PREPARE_MIN_MB * 10**6)
+    assert wants_prepare(_data_cfg(small))
+    with pytest.raises(UsageError, match="one .txt file, one document"):
+        wants_prepare(_data_cfg(text, prepare="always"))
+
+
+def test_recipe_prepares_a_collection_once_into_the_cache(data_dir, tmp_path, caplog):
+    import gzip
+    from zerokit.data.prepare import is_prepared
+    from zerokit.pretraining import prepare_data
+    paragraphs = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:60_000].split("\n\n")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    half = len(paragraphs) // 2
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[:half]))
+    with gzip.open(folder / "b.jsonl.gz", "wt") as f:  # the in-memory packer cannot read this one
+        f.write("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[half:]))
+    cache = tmp_path / "cache"
+    tok, out = prepare_data(_data_cfg(folder), cache)
+    assert is_prepared(out) and out.parent == cache / "corpora"
+    manifest = read_index(out)
+    assert manifest["documents"] == len(paragraphs) and manifest["val_fraction"] == 0.1
+    # validation holds whole documents: its tokens split at eos decode to source paragraphs, ~10% of them
+    val = _shard_tokens(out, "val")
+    docs = [tok.decode(d) for d in np.split(val, np.flatnonzero(val == tok.eos_token_id) + 1) if len(d)]
+    docs = [d.removesuffix(tok.eos_token) for d in docs]
+    assert set(docs) <= set(paragraphs) and abs(len(docs) - 0.1 * len(paragraphs)) <= 2
+    batch = BlockLoader(out, block_size=32, micro_batch_size=2).next_window()[0]
+    assert batch["input_ids"].shape == (2, 32)
+
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="zerokit"):
+        assert prepare_data(_data_cfg(folder), cache)[1] == out  # another rank, or a rerun: a cache hit
+    assert f"prepared corpus cache hit: {out}" in caplog.messages and (out / "manifest.json").stat().st_mtime_ns == stamp
+    with (folder / "a.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "A NEW DOCUMENT."}) + "\n")
+    assert prepare_data(_data_cfg(folder), cache)[1] != out  # a changed source is prepared anew

@@ -316,7 +316,11 @@ class BlockLoader:
         if e not in self._epochs:
             rng = np.random.default_rng([self.seed, e])
             self._epochs = {k: v for k, v in self._epochs.items() if k == e - 1}  # a batch spans at most 2 epochs
-            self._epochs[e] = (int(rng.integers(self.block_size)), rng.permutation(self.windows_per_epoch))
+            offset = int(rng.integers(self.block_size))
+            # rng.permutation(n) in half the memory (4 bytes a window): the same draws shuffle the same order
+            perm = np.arange(self.windows_per_epoch, dtype=np.int32 if self.windows_per_epoch < 2**31 else np.int64)
+            rng.shuffle(perm)
+            self._epochs[e] = (offset, perm)
         return self._epochs[e]
 
     def _starts(self, samples: np.ndarray) -> np.ndarray:
@@ -326,7 +330,7 @@ class BlockLoader:
         for e in np.unique(epochs):
             offset, perm = self._epoch(int(e))
             mask = epochs == e
-            starts[mask] = offset + perm[pos[mask]] * self.block_size
+            starts[mask] = offset + perm[pos[mask]].astype(np.int64) * self.block_size  # int64: token offsets pass 2**31
         return starts
 
     def next_window(self) -> list[dict[str, torch.Tensor]]:
