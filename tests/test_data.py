@@ -430,3 +430,53 @@ def test_recipe_prepares_a_collection_once_into_the_cache(data_dir, tmp_path, ca
     with (folder / "a.jsonl").open("a") as f:
         f.write(json.dumps({"text": "A NEW DOCUMENT."}) + "\n")
     assert prepare_data(_data_cfg(folder), cache)[1] != out  # a changed source is prepared anew
+
+
+# ------------------------------------------------------------------ corpora too large for an explicit epoch order
+
+def test_index_permutation_is_a_seeded_bijection():
+    from zerokit.data.permute import IndexPermutation
+    for n in (1, 2, 3, 5, 1000, 4097, 1 << 16):
+        perm = IndexPermutation(n, np.random.default_rng([9, 0]))[np.arange(n)]
+        assert np.array_equal(np.sort(perm), np.arange(n))  # every index once
+        again = IndexPermutation(n, np.random.default_rng([9, 0]))[np.arange(n)[::-1]]
+        assert np.array_equal(again, perm[::-1])  # a function of the seed only, at any index order
+    other = IndexPermutation(n, np.random.default_rng([9, 1]))[np.arange(n)]
+    assert (other == perm).mean() < 0.01
+    assert (perm == np.arange(n)).mean() < 0.01 and abs(np.corrcoef(perm, np.arange(n))[0, 1]) < 0.02  # well mixed
+
+
+def test_loader_at_scale_reads_only_its_windows(tmp_path):
+    """4.3 billion tokens in two sparse 4 GB shards (no disk used): the epoch order is not materialised,
+    and each of 4 ranks reads exactly its own windows, resumably at another world size."""
+    from zerokit.data.permute import IndexPermutation
+    n_shard = 1 << 31
+    shards = []
+    for i in range(2):
+        with open(tmp_path / f"train_{i:05d}.bin", "wb") as f:
+            f.truncate(n_shard * 2)
+        shards.append({"file": f"train_{i:05d}.bin", "tokens": n_shard, "sha256": "not read"})
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "zerokit-prepared", "dtype": "uint16",
+                                                        "splits": {"train": {"shards": shards}}}))
+    block, micro, steps = 128, 4, 3
+    loaders = _counted(tmp_path, 4, micro, 1, block=block)
+    assert loaders[0].windows_per_epoch == (2 * n_shard - block) // block > packed_mod.EXPLICIT_ORDER_MAX
+    for _ in range(steps):
+        for loader in loaders:
+            loader.next_window()
+    assert all(isinstance(loader._epochs[0][1], IndexPermutation) for loader in loaders)
+    reads = [loader.tokens.indices() for loader in loaders]
+    starts = [set(r[::block + 1].tolist()) for r in reads]
+    assert all(len(r) == steps * micro * (block + 1) for r in reads) and len(set().union(*starts)) == 4 * steps * micro
+    assert all(np.array_equal(r.reshape(-1, block + 1), r[::block + 1, None] + np.arange(block + 1)) for r in reads)
+    assert len({int(s) // n_shard for r in reads for s in r}) == 2  # from both shards
+
+    state = loaders[0].state_dict()
+    two = _counted(tmp_path, 2, 2 * micro, 1, state=state, block=block)
+    for loader in two:
+        loader.next_window()
+    four = _counted(tmp_path, 4, micro, 1, state=state, block=block)
+    for loader in four:
+        loader.next_window()
+    assert np.array_equal(np.sort(np.concatenate([x.tokens.indices() for x in two])),
+                          np.sort(np.concatenate([x.tokens.indices() for x in four])))
