@@ -235,3 +235,248 @@ def test_eval_batches_pad_short_ranks(packed):
     assert [len(b) for b in per_rank] == [2] * world
     assert [b[1]["weight"] for b in per_rank] == [1] + [0] * (world - 1)
     assert per_rank[1][1]["target_bytes"] == 0 and per_rank[1][1]["input_ids"].shape == (1, block)
+
+
+# ------------------------------------------------------------------ the loader on a prepared (sharded) directory
+
+class CountingTokens:
+    """A token array that records every index read through it (what a rank's loader touches)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.reads = tokens, []
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, idx):
+        self.reads.append(np.asarray(idx).ravel().copy())
+        return self.tokens[idx]
+
+    def indices(self) -> np.ndarray:
+        return np.concatenate(self.reads) if self.reads else np.empty(0, dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def prepared(data_dir, tmp_path_factory):
+    """tiny-shakespeare's first 120 kB as ~900 JSONL documents, prepared into ~40 shards of 2,000 tokens."""
+    from zerokit.data.prepare import prepare
+    work = tmp_path_factory.mktemp("prepared")
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:120_000]
+    (work / "src.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in text.split("\n\n")))
+    return prepare(str(work / "src.jsonl"), work / "out", workers=0, vocab_size=300, shard_tokens=2000, val_fraction=0.1)
+
+
+def _shard_tokens(prepared, split):
+    """The split's shards read straight from their files, concatenated: the reference token stream."""
+    shards = read_index(prepared)["splits"][split]["shards"]
+    return np.concatenate([np.fromfile(prepared / s["file"], dtype=np.uint16) for s in shards])
+
+
+def _stream_starts(n_tokens, block, seed, samples):
+    """Window start of each global sample, from BlockLoader's documented contract (not its code)."""
+    n = (n_tokens - block) // block
+    epochs = {}
+    for e in {g // n for g in samples}:
+        rng = np.random.default_rng([seed, e])
+        epochs[e] = (int(rng.integers(block)), rng.permutation(n))
+    return np.array([epochs[g // n][0] + epochs[g // n][1][g % n] * block for g in samples])
+
+
+def _counted(prepared, world, micro, accum, state=None, block=32, seed=5):
+    loaders = []
+    for r in range(world):
+        loader = BlockLoader(prepared, "train", block, micro, accum, r, world, seed)
+        loader.tokens = CountingTokens(loader.tokens)
+        if state:
+            loader.load_state_dict(state)
+        loaders.append(loader)
+    return loaders
+
+
+def test_prepared_ranks_read_only_their_windows(prepared):
+    block, world, micro, accum, steps, seed = 32, 4, 2, 2, 5, 5
+    reference = _shard_tokens(prepared, "train")
+    loaders = _counted(prepared, world, micro, accum, block=block, seed=seed)
+    assert len(reference) == len(loaders[0].tokens) > 40 * 1000  # dozens of shards; windows cross their boundaries
+    assert all(not loader.tokens.reads for loader in loaders)  # opening reads nothing
+    served = [[] for _ in range(world)]
+    for _ in range(steps):
+        for r, loader in enumerate(loaders):
+            served[r].extend(loader.next_window())
+    window = np.arange(block + 1)
+    read_sets = []
+    for r, loader in enumerate(loaders):
+        # rank r's micro-batch k of step s holds global samples s*G + (k*world + r)*B + [0, B)
+        samples = [s * world * micro * accum + (k * world + r) * micro + j
+                   for s in range(steps) for k in range(accum) for j in range(micro)]
+        starts = _stream_starts(len(reference), block, seed, samples)
+        read = loader.tokens.indices()
+        assert np.array_equal(np.sort(read), np.sort((starts[:, None] + window).ravel()))  # exactly its windows
+        rows = torch.cat([torch.cat([b["input_ids"], b["targets"][:, -1:]], 1) for b in served[r]])
+        assert np.array_equal(rows.numpy(), reference[starts[:, None] + window])  # the right tokens, across shards
+        read_sets.append(set(read.tolist()))
+    consumed = steps * world * micro * accum * (block + 1)
+    for r, mine in enumerate(read_sets):
+        assert len(loaders[r].tokens.indices()) == consumed // world  # 1/world of what the step consumed
+        for other in read_sets[r + 1:]:
+            assert len(mine & other) <= 2 * steps * micro * accum  # windows share at most their end tokens
+    assert len(set().union(*read_sets)) < len(reference) / 3  # nobody swept the corpus
+
+
+def test_prepared_resume_at_other_world_sizes_continues_the_stream(prepared):
+    def run(loaders, steps):
+        per_step = []
+        for _ in range(steps):
+            for loader in loaders:
+                loader.tokens.reads.clear()
+                loader.next_window()
+            per_step.append(np.sort(np.concatenate([loader.tokens.indices() for loader in loaders])))
+        return per_step, loaders[0].state_dict()
+
+    straight, _ = run(_counted(prepared, 1, 4, 3), 7)  # global batch 12 on one rank
+    first, state = run(_counted(prepared, 2, 3, 2), 3)  # 12 = 2 ranks x 3 x 2
+    assert all(np.array_equal(a, b) for a, b in zip(first, straight[:3]))
+    for world, micro, accum in [(3, 2, 2), (4, 3, 1), (6, 1, 2)]:
+        resumed, _ = run(_counted(prepared, world, micro, accum, state=state), 4)
+        assert all(np.array_equal(a, b) for a, b in zip(resumed, straight[3:]))
+
+
+def test_epochs_reshuffle_deterministically_and_differently(prepared):
+    block, seed = 32, 5
+    a, b = BlockLoader(prepared, block_size=block, seed=seed), BlockLoader(prepared, block_size=block, seed=seed)
+    n = a.windows_per_epoch
+    epochs = [a._starts(np.arange(e * n, (e + 1) * n)) for e in range(3)]
+    for e, starts in enumerate(epochs):
+        assert np.array_equal(starts, b._starts(np.arange(e * n, (e + 1) * n)))  # another process agrees
+        assert np.array_equal(starts, _stream_starts(len(a.tokens), block, seed, range(e * n, (e + 1) * n)))
+        offset = starts.min()
+        assert np.array_equal(np.sort(starts), offset + block * np.arange(n))  # each window once an epoch
+    orders = [np.argsort(s) for s in epochs]
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])  # new order
+    assert len({int(s.min()) for s in epochs}) > 1  # and new boundaries
+    other = BlockLoader(prepared, block_size=block, seed=seed + 1)._starts(np.arange(n))
+    assert not np.array_equal(other, epochs[0])
+
+
+def test_prepared_truncated_shard_is_named(prepared, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    shard = copy / read_index(copy)["splits"]["train"]["shards"][3]["file"]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 2)
+    with pytest.raises(UsageError, match=f"{shard.name}.*prepare the corpus again"):
+        BlockLoader(copy, block_size=32)
+
+
+# ------------------------------------------------------------------ the recipe's raw corpus: packer or zerokit prepare
+
+def _data_cfg(corpus, **over):
+    from zerokit.config import Config
+    return Config(**{"corpus": str(corpus), "text_field": "text", "tokenizer": "train", "vocab_size": 300,
+                     "val_fraction": 0.1, "prepare": "auto", **over})
+
+
+def test_which_corpora_go_through_prepare(tmp_path):
+    from zerokit.pretraining import PREPARE_MIN_MB, wants_prepare
+    text = tmp_path / "one.txt"
+    text.write_text("a text\n" * 100)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.jsonl").write_text('{"text": "x"}\n' * 10)
+    (small / "b.txt").write_text("y")
+    assert not wants_prepare(_data_cfg(text)) and not wants_prepare(_data_cfg("tinyshakespeare"))  # one document
+    assert not wants_prepare(_data_cfg(small)) and wants_prepare(_data_cfg(small, prepare="always"))
+    assert wants_prepare(_data_cfg("someone/corpus")) and wants_prepare(_data_cfg(f"{small}/*.jsonl"))
+    assert not wants_prepare(_data_cfg("someone/corpus", prepare="never"))
+    (small / "c.jsonl.gz").write_bytes(b"")  # a format only prepare reads
+    assert wants_prepare(_data_cfg(small))
+    (small / "c.jsonl.gz").unlink()
+    with (small / "big.jsonl").open("wb") as f:  # sparse: its size is all that is looked at
+        f.truncate(PREPARE_MIN_MB * 10**6)
+    assert wants_prepare(_data_cfg(small))
+    with pytest.raises(UsageError, match="one .txt file, one document"):
+        wants_prepare(_data_cfg(text, prepare="always"))
+
+
+def test_recipe_prepares_a_collection_once_into_the_cache(data_dir, tmp_path, caplog):
+    import gzip
+    from zerokit.data.prepare import is_prepared
+    from zerokit.pretraining import prepare_data
+    paragraphs = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:60_000].split("\n\n")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    half = len(paragraphs) // 2
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[:half]))
+    with gzip.open(folder / "b.jsonl.gz", "wt") as f:  # the in-memory packer cannot read this one
+        f.write("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[half:]))
+    cache = tmp_path / "cache"
+    tok, out = prepare_data(_data_cfg(folder), cache)
+    assert is_prepared(out) and out.parent == cache / "corpora"
+    manifest = read_index(out)
+    assert manifest["documents"] == len(paragraphs) and manifest["val_fraction"] == 0.1
+    # validation holds whole documents: its tokens split at eos decode to source paragraphs, ~10% of them
+    val = _shard_tokens(out, "val")
+    docs = [tok.decode(d) for d in np.split(val, np.flatnonzero(val == tok.eos_token_id) + 1) if len(d)]
+    docs = [d.removesuffix(tok.eos_token) for d in docs]
+    assert set(docs) <= set(paragraphs) and abs(len(docs) - 0.1 * len(paragraphs)) <= 2
+    batch = BlockLoader(out, block_size=32, micro_batch_size=2).next_window()[0]
+    assert batch["input_ids"].shape == (2, 32)
+
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="zerokit"):
+        assert prepare_data(_data_cfg(folder), cache)[1] == out  # another rank, or a rerun: a cache hit
+    assert f"prepared corpus cache hit: {out}" in caplog.messages and (out / "manifest.json").stat().st_mtime_ns == stamp
+    with (folder / "a.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "A NEW DOCUMENT."}) + "\n")
+    assert prepare_data(_data_cfg(folder), cache)[1] != out  # a changed source is prepared anew
+
+
+# ------------------------------------------------------------------ corpora too large for an explicit epoch order
+
+def test_index_permutation_is_a_seeded_bijection():
+    from zerokit.data.permute import IndexPermutation
+    for n in (1, 2, 3, 5, 1000, 4097, 1 << 16):
+        perm = IndexPermutation(n, np.random.default_rng([9, 0]))[np.arange(n)]
+        assert np.array_equal(np.sort(perm), np.arange(n))  # every index once
+        again = IndexPermutation(n, np.random.default_rng([9, 0]))[np.arange(n)[::-1]]
+        assert np.array_equal(again, perm[::-1])  # a function of the seed only, at any index order
+    other = IndexPermutation(n, np.random.default_rng([9, 1]))[np.arange(n)]
+    assert (other == perm).mean() < 0.01
+    assert (perm == np.arange(n)).mean() < 0.01 and abs(np.corrcoef(perm, np.arange(n))[0, 1]) < 0.02  # well mixed
+
+
+def test_loader_at_scale_reads_only_its_windows(tmp_path):
+    """4.3 billion tokens in two sparse 4 GB shards (no disk used): the epoch order is not materialised,
+    and each of 4 ranks reads exactly its own windows, resumably at another world size."""
+    from zerokit.data.permute import IndexPermutation
+    n_shard = 1 << 31
+    shards = []
+    for i in range(2):
+        with open(tmp_path / f"train_{i:05d}.bin", "wb") as f:
+            f.truncate(n_shard * 2)
+        shards.append({"file": f"train_{i:05d}.bin", "tokens": n_shard, "sha256": "not read"})
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "zerokit-prepared", "dtype": "uint16",
+                                                        "splits": {"train": {"shards": shards}}}))
+    block, micro, steps = 128, 4, 3
+    loaders = _counted(tmp_path, 4, micro, 1, block=block)
+    assert loaders[0].windows_per_epoch == (2 * n_shard - block) // block > packed_mod.EXPLICIT_ORDER_MAX
+    for _ in range(steps):
+        for loader in loaders:
+            loader.next_window()
+    assert all(isinstance(loader._epochs[0][1], IndexPermutation) for loader in loaders)
+    reads = [loader.tokens.indices() for loader in loaders]
+    starts = [set(r[::block + 1].tolist()) for r in reads]
+    assert all(len(r) == steps * micro * (block + 1) for r in reads) and len(set().union(*starts)) == 4 * steps * micro
+    assert all(np.array_equal(r.reshape(-1, block + 1), r[::block + 1, None] + np.arange(block + 1)) for r in reads)
+    assert len({int(s) // n_shard for r in reads for s in r}) == 2  # from both shards
+
+    state = loaders[0].state_dict()
+    two = _counted(tmp_path, 2, 2 * micro, 1, state=state, block=block)
+    for loader in two:
+        loader.next_window()
+    four = _counted(tmp_path, 4, micro, 1, state=state, block=block)
+    for loader in four:
+        loader.next_window()
+    assert np.array_equal(np.sort(np.concatenate([x.tokens.indices() for x in two])),
+                          np.sort(np.concatenate([x.tokens.indices() for x in four])))

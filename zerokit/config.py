@@ -281,6 +281,7 @@ RULES = {
     "data.vocab_size": _int(258), "data.block_size": _int(1), "data.val_fraction": _num(0, 1, lo_open=True),
     "data.eval_batches": _int(0), "data.max_length": _int(1), "data.max_target_length": _int(1),
     "data.num_labels": _int(2), "data.eval_batch_size": _int(1), "data.tokenizer_sample_mb": _num(0, lo_open=True, null=True),
+    "data.prepare": _choice("auto", "always", "never"),
     "eval.strategy": _choice("greedy", "beam"), "eval.num_beams": _int(1), "eval.max_new_tokens": _int(1),
     "eval.batch_size": _int(1), "eval.max_samples": _int(1, null=True),
     "eval.no_repeat_ngram_size": _int(0), "eval.repetition_penalty": _num(0, lo_open=True), "eval.length_penalty": _num(-5, 5, hi_open=False),

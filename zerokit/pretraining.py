@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from zerokit.dist import all_reduce_sum
+from zerokit.errors import UsageError
 from zerokit.moe import RouterStats
 
 log = logging.getLogger("zerokit")
+
+PREPARE_MIN_MB = 256  # data.prepare=auto: local corpora of this many MB or more are streamed by zerokit prepare
 
 
 def prepare_data(data, cache: Path):
@@ -25,7 +28,8 @@ def prepare_data(data, cache: Path):
     Every rank calls it: the first does the work under a file lock while the others wait on the lock
     (not in a collective, which gives up after the process-group timeout that a large corpus outlasts),
     then find it done. A run whose local source files and tokenizer are unchanged (paths, sizes, mtimes)
-    is served from a small memo without reading or hashing the corpus again."""
+    is served from a small memo without reading or hashing the corpus again. A corpus that wants_prepare
+    goes through `zerokit prepare` into the cache instead (prepare_in_cache), the same way under a lock."""
     from transformers import AutoTokenizer
 
     from zerokit.data.packed import corpus_texts, pack_corpus, source_fingerprint
@@ -35,6 +39,9 @@ def prepare_data(data, cache: Path):
     if is_prepared(data.corpus):  # `zerokit prepare` output: its own tokenizer and shards, nothing to do
         corpus = Path(str(data.corpus)).expanduser()
         log.info("prepared corpus %s (its tokenizer; data.tokenizer and data.vocab_size do not apply)", corpus)
+        return AutoTokenizer.from_pretrained(corpus / "tokenizer"), corpus
+    if wants_prepare(data):
+        corpus = prepare_in_cache(data, cache)
         return AutoTokenizer.from_pretrained(corpus / "tokenizer"), corpus
     tok_spec = str(data.tokenizer)
     source = source_fingerprint(data.corpus)
@@ -58,6 +65,60 @@ def prepare_data(data, cache: Path):
                                        "inputs": inputs}))
             tmp.replace(memo)
     return tokenizer, data_dir
+
+
+def wants_prepare(data) -> bool:
+    """Whether a raw `data.corpus` goes through `zerokit prepare` (streamed into the cache's token shards,
+    validation = whole held-out documents) rather than the in-memory packer (`data.prepare`: auto | always |
+    never). auto: a datasets name, a glob, a format the packer does not read (.jsonl.gz, .parquet), or at
+    least PREPARE_MIN_MB of local files; never a single .txt (one document: the packer splits it by bytes,
+    which is what the tiny-shakespeare demo's documented result rests on)."""
+    from zerokit.data.sources import source_files
+    mode, spec = str(data.get("prepare") or "auto"), "tinyshakespeare" if data.corpus is None else str(data.corpus)
+    try:
+        files = source_files(spec)
+    except UsageError:  # missing or empty: the packer's (or with always, prepare's) own message says what is wrong
+        return mode == "always"
+    one_text = files is not None and len(files) == 1 and files[0].name.endswith(".txt")
+    if mode != "auto":
+        if mode == "always" and one_text:
+            raise UsageError(f"data.prepare=always: {spec} is one .txt file, one document, and a prepared corpus holds "
+                             "out whole documents for validation; use data.prepare=auto (the packer splits a text by "
+                             "bytes) or split the text into several files")
+        return mode == "always"
+    if files is None or any(c in spec for c in "*?["):
+        return True
+    if one_text:
+        return False
+    return (any(not f.name.endswith((".txt", ".jsonl")) for f in files)
+            or sum(f.stat().st_size for f in files) >= PREPARE_MIN_MB * 1e6)
+
+
+def prepare_in_cache(data, cache: Path) -> Path:
+    """`zerokit prepare` of `data.corpus` into `cache/corpora/<name>-<key>`, once: the first rank does it
+    under a file lock, the others then find its manifest (a stat, no reading). The key holds the settings
+    and the source files' (path, size, mtime); a datasets name has no cheap fingerprint, so its folder is
+    reused until deleted."""
+    from zerokit.data.packed import usable_cores
+    from zerokit.data.prepare import DEFAULTS, is_prepared, prepare
+    from zerokit.data.sources import fingerprint
+    from zerokit.data.tokenizer import TRAIN_KINDS
+    from zerokit.locks import exclusive
+    spec, tok_spec = "tinyshakespeare" if data.corpus is None else str(data.corpus), str(data.tokenizer)
+    settings = {"text_field": data.text_field, "tokenizer": tok_spec, "vocab_size": data.vocab_size,
+                "val_fraction": data.val_fraction, "sample_mb": data.get("tokenizer_sample_mb") or DEFAULTS["sample_mb"]}
+    key = json.dumps({"source": spec, "files": fingerprint(spec), **settings,
+                      "tokenizer_files": fingerprint(tok_spec) if tok_spec not in TRAIN_KINDS and Path(tok_spec).expanduser().is_dir() else None},
+                     sort_keys=True)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(spec.rstrip("/")).name)[:40] or "corpus"
+    out = cache / "corpora" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    with exclusive(out):
+        if is_prepared(out):
+            log.info("prepared corpus cache hit: %s", out)
+        else:
+            log.info("data.corpus %s: zerokit prepare into %s (data.prepare=%s)", spec, out, data.get("prepare") or "auto")
+            prepare(spec, out, workers=usable_cores(), **settings)
+    return out
 
 
 def causal_lm_loss_sum(model, batch: dict, router=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,8 @@ FORMAT_VERSION = 1
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "assets" / "tinyshakespeare.txt"
 # Long texts are tokenized in pieces of about this many characters, so both cores get work.
 CHUNK_CHARS = 1 << 16
+# Epoch orders up to this many windows are explicit arrays (64 MB of int32); larger ones are computed per index.
+EXPLICIT_ORDER_MAX = 1 << 24
 # Pieces are cut right after a "\n" that has non-space on both sides: GPT-2-style pre-tokenizers never
 # merge across such a newline, so the pieces tokenize to exactly the tokens of the whole text.
 _CUT = re.compile(r"\S\n(?=\S)")
@@ -260,7 +262,14 @@ def _open_split(data_dir: str | Path, split: str) -> np.memmap:
         raise UsageError(f"no split {split!r} in {data_dir}; use one of {sorted(index['splits'])}")
     if "shards" in index["splits"][split]:  # a prepared directory: the split's shards as one array
         from zerokit.data.shards import ShardedTokens
-        return ShardedTokens(data_dir, index["splits"][split]["shards"], index["dtype"])
+        shards, itemsize = index["splits"][split]["shards"], np.dtype(index["dtype"]).itemsize
+        for s in shards:  # sizes only (a stat each): no rank reads or hashes the shards to open them
+            path = Path(data_dir) / s["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != s["tokens"] * itemsize:
+                raise UsageError(f"shard {path} is {'missing' if size is None else f'{size} bytes'}, its manifest says "
+                                 f"{s['tokens'] * itemsize}; prepare the corpus again (zerokit prepare) into a new folder")
+        return ShardedTokens(data_dir, shards, index["dtype"])
     return np.memmap(Path(data_dir) / f"{split}.bin", dtype=index["dtype"], mode="r")
 
 
@@ -279,7 +288,10 @@ class BlockLoader:
     Determinism contract: the global sample stream depends only on (data, block_size, seed). Epoch e
     is a permutation (seeded by (seed, e)) of the non-overlapping windows tokens[o+i*T : o+i*T+T+1],
     with an offset o in [0, T) also seeded by (seed, e), so epochs see different boundaries. Every
-    epoch has the same number of windows, (n_tokens - T) // T, which fits any offset.
+    epoch has the same number of windows, (n_tokens - T) // T, which fits any offset. The permutation is
+    rng.permutation's, held as an array, up to EXPLICIT_ORDER_MAX windows; beyond, a keyed Feistel
+    permutation (zerokit.data.permute) evaluated at the indices a batch needs, so no rank's memory grows
+    with the corpus.
     An optimizer step consumes the next G = micro_batch_size * grad_accum * world_size samples of the
     stream; rank r's micro-batch k takes samples (k * world_size + r) * B ... + B of them. So the set
     of samples in a step does not depend on how it is split over ranks and micro-batches, ranks never
@@ -302,14 +314,21 @@ class BlockLoader:
         self.global_batch = micro_batch_size * grad_accum * world_size
         self.pin_memory = pin_memory and torch.cuda.is_available()  # pinned host memory speeds up .to(cuda, non_blocking)
         self.samples_seen = 0
-        self._epochs: dict[int, tuple[int, np.ndarray]] = {}
+        self._epochs: dict[int, tuple] = {}  # epoch -> (offset, permutation: an array or IndexPermutation)
 
     def _epoch(self, e: int) -> tuple[int, np.ndarray]:
         """(offset, window permutation) of epoch e, a function of (seed, e) only, so all processes agree."""
         if e not in self._epochs:
             rng = np.random.default_rng([self.seed, e])
             self._epochs = {k: v for k, v in self._epochs.items() if k == e - 1}  # a batch spans at most 2 epochs
-            self._epochs[e] = (int(rng.integers(self.block_size)), rng.permutation(self.windows_per_epoch))
+            offset = int(rng.integers(self.block_size))
+            if self.windows_per_epoch > EXPLICIT_ORDER_MAX:  # memory O(1): a keyed permutation evaluated per index
+                from zerokit.data.permute import IndexPermutation
+                self._epochs[e] = (offset, IndexPermutation(self.windows_per_epoch, rng))
+            else:  # rng.permutation(n) in int32 (the same draws shuffle the same order): 4 bytes a window
+                perm = np.arange(self.windows_per_epoch, dtype=np.int32)
+                rng.shuffle(perm)
+                self._epochs[e] = (offset, perm)
         return self._epochs[e]
 
     def _starts(self, samples: np.ndarray) -> np.ndarray:
@@ -319,7 +338,7 @@ class BlockLoader:
         for e in np.unique(epochs):
             offset, perm = self._epoch(int(e))
             mask = epochs == e
-            starts[mask] = offset + perm[pos[mask]] * self.block_size
+            starts[mask] = offset + perm[pos[mask]].astype(np.int64) * self.block_size  # int64: token offsets pass 2**31
         return starts
 
     def next_window(self) -> list[dict[str, torch.Tensor]]:
