@@ -65,6 +65,9 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "qwen-moe-tiny": (Qwen2MoeConfig, dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                            intermediate_size=176, moe_intermediate_size=48, shared_expert_intermediate_size=96,
                                            num_experts=8, max_position_embeddings=128, vocab_size=512, **_MOE)),
+    # ~0.47B parameters, Llama shape (1.9 GB of fp32 weights): what bench/init_memory.sh starts on 2 CPU ranks.
+    "llama-0.5b": (LlamaConfig, dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, num_key_value_heads=16,
+                                     intermediate_size=4096, max_position_embeddings=1024, vocab_size=32000, **_LLAMA)),
     # Llama-3.2-1B shape.
     "llama-1b": (LlamaConfig, dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                                    intermediate_size=8192, max_position_embeddings=2048, vocab_size=128256,
