@@ -31,10 +31,12 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 fp32 = rows[0]["fp32_mb"]
 print(f"{rows[0]['params'] / 1e9:.3f}B parameters, full fp32 weights {fp32:,.0f} MiB, "
       f"1/{rows[0]['world_size']} of them {fp32 / rows[0]['world_size']:,.0f} MiB\n")
-print("| engine | model.sharded_init | build | rank | base RSS MiB | peak RSS MiB | peak - base MiB | (peak - base) / full fp32 | start s |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| engine | model.sharded_init | build | rank | base | peak, model built | peak, engine started | (built - base) / full fp32 | (started - base) / full fp32 | start s |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for r in sorted(rows, key=lambda r: (r["engine"], r["sharded_init"], r["rank"])):
-    grown = r["peak_rss_mb"] - r["rss_before_mb"]
-    print(f"| {r['engine']} | {str(r['sharded_init']).lower()} | {r['init']} | {r['rank']} | {r['rss_before_mb']:,.0f} | "
-          f"{r['peak_rss_mb']:,.0f} | {grown:,.0f} | {grown / fp32:.2f} | {r['seconds']:.0f} |")
+    base = r["rss_before_mb"]
+    print(f"| {r['engine']} | {str(r['sharded_init']).lower()} | {r['init']} | {r['rank']} | {base:,.0f} | "
+          f"{r['built_peak_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {(r['built_peak_mb'] - base) / fp32:.2f} | "
+          f"{(r['peak_rss_mb'] - base) / fp32:.2f} | {r['seconds']:.0f} |")
+print("\nMiB of resident memory per rank (ru_maxrss); base: before the build (imports, process group)")
 PY

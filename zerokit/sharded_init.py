@@ -122,7 +122,8 @@ def construct(config, implementation: str, seed: int, mode: str = "full",
         model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=torch.float32)
     model.tie_weights()  # no_init_weights also skipped the tying that init_weights does
     if mode == "full":
-        init_weights(model, seed)
+        if not any(p.is_meta for p in model.parameters()):  # built under torch.device("meta") (the lab's probe): no values
+            init_weights(model, seed)
     elif mode == "meta":
         _PENDING[model] = seed
     else:
@@ -143,7 +144,7 @@ def zero3_init_weights(model: nn.Module, seed: int) -> None:
         with deepspeed.zero.GatheredParameters(touched, modifier_rank=0):
             if rank == 0:
                 _initialise(name, module, init_fn, seed, owned)
-    release_freed_memory()  # the gathered modules, for the engine's partitions that come next
+        release_freed_memory()  # the module gathered whole, before the next one
 
 
 def release_freed_memory() -> None:
@@ -153,6 +154,19 @@ def release_freed_memory() -> None:
     llama-0.5b under FSDP2 without this (bench/init_memory.sh; MALLOC_MMAP_THRESHOLD_=65536 removed it too)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def partitioning_init(ds_config: dict):
+    """deepspeed.zero.Init (for construct's zero3 mode) that also hands each module's freed whole weights
+    back to the OS once the module is partitioned: glibc kept ~600 MiB of them resident on a rank building
+    llama-0.5b without it."""
+    import deepspeed
+
+    class PartitionAndRelease(deepspeed.zero.Init):
+        def _post_init_method(self, module):
+            super()._post_init_method(module)
+            release_freed_memory()
+    return PartitionAndRelease(config_dict_or_path=ds_config)  # no dtype=: see backends.deepspeed.zero3_init
 
 
 def pending(model: nn.Module) -> bool:
