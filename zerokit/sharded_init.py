@@ -88,16 +88,12 @@ def _initialise(name: str, module: nn.Module, init_fn: Callable, seed: int, owne
         init_fn(module)
     bad = [f"{name}.{pname}" for pname, p in own if torch.isnan(p.data).any()]
     if bad:
-        raise RuntimeError(f"{type(model_of(init_fn)).__name__}._init_weights leaves {', '.join(bad)} uninitialised; "
+        raise RuntimeError(f"{type(getattr(init_fn, "__self__", init_fn)).__name__}._init_weights leaves {', '.join(bad)} uninitialised; "
                            "zerokit.sharded_init cannot build this model from scratch")
     for p in touched:
         if id(p) in moved:
             moved[id(p)].copy_(p.data)
             p.data = moved[id(p)]
-
-
-def model_of(init_fn: Callable):
-    return getattr(init_fn, "__self__", init_fn)
 
 
 @torch.no_grad()
