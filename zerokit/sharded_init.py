@@ -88,7 +88,8 @@ def _initialise(name: str, module: nn.Module, init_fn: Callable, seed: int, owne
         init_fn(module)
     bad = [f"{name}.{pname}" for pname, p in own if torch.isnan(p.data).any()]
     if bad:
-        raise RuntimeError(f"{type(getattr(init_fn, "__self__", init_fn)).__name__}._init_weights leaves {', '.join(bad)} uninitialised; "
+        owner = type(getattr(init_fn, "__self__", init_fn)).__name__
+        raise RuntimeError(f"{owner}._init_weights leaves {', '.join(bad)} uninitialised; "
                            "zerokit.sharded_init cannot build this model from scratch")
     for p in touched:
         if id(p) in moved:
