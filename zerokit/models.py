@@ -65,6 +65,9 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "qwen-moe-tiny": (Qwen2MoeConfig, dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                            intermediate_size=176, moe_intermediate_size=48, shared_expert_intermediate_size=96,
                                            num_experts=8, max_position_embeddings=128, vocab_size=512, **_MOE)),
+    # ~0.47B parameters, Llama shape (1.9 GB of fp32 weights): what bench/init_memory.sh starts on 2 CPU ranks.
+    "llama-0.5b": (LlamaConfig, dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, num_key_value_heads=16,
+                                     intermediate_size=4096, max_position_embeddings=1024, vocab_size=32000, **_LLAMA)),
     # Llama-3.2-1B shape.
     "llama-1b": (LlamaConfig, dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                                    intermediate_size=8192, max_position_embeddings=2048, vocab_size=128256,
@@ -189,10 +192,12 @@ def load_pretrained_causal_lm(name_or_path: str, vocab_size: int | None, block_s
 def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: int | None, block_size: int | None,
                     dropout: float | None = None, grad_ckpt: bool = False, seed: int = 0,
                     eos_token_id: int | None = None, attn: str = "sdpa", sdpa_backend: str = "auto",
-                    kv_heads: int | None = None, router_aux_loss_coef: float | None = None) -> torch.nn.Module:
-    """Random-init a preset (deterministic under `seed`) or load pretrained weights; `attn`, `sdpa_backend`,
-    `kv_heads` and `router_aux_loss_coef` are model.attn, model.sdpa_backend, model.kv_heads and
-    model.router_aux_loss_coef."""
+                    kv_heads: int | None = None, router_aux_loss_coef: float | None = None,
+                    init: str = "full", zero_init=None) -> torch.nn.Module:
+    """Random-init a preset (a function of `seed` and each module's name: zerokit.sharded_init) or load
+    pretrained weights; `attn`, `sdpa_backend`, `kv_heads` and `router_aux_loss_coef` are model.attn,
+    model.sdpa_backend, model.kv_heads and model.router_aux_loss_coef. `init` full | meta | zero3 (with
+    `zero_init(config)`, a deepspeed.zero.Init) is where a preset's weights are built (zerokit.backends.init_plan)."""
     implementation = attn_implementation(attn, sdpa_backend)
     if name_or_path:
         if kv_heads is not None:
@@ -205,8 +210,9 @@ def build_causal_lm(preset: str | None, name_or_path: str | None, vocab_size: in
                              f"or set model.name_or_path")
         cfg = model_config(preset_name(preset), vocab_size, block_size, dropout, eos_token_id, kv_heads,
                            router_aux_loss_coef)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=implementation, dtype=torch.float32)
+        from zerokit.sharded_init import construct
+        torch.manual_seed(seed)  # the weights draw from their own generators; this seeds dropout
+        model = construct(cfg, implementation, seed, init, zero_init(cfg) if zero_init else None)
     pin_sdpa_backend(model, sdpa_backend)
     if grad_ckpt:
         enable_grad_ckpt(model)

@@ -20,11 +20,17 @@ OPTIMIZERS = ("adamw", "lion", "adamw8bit", "lion8bit", "muon")
 MUON_MOMENTUM = 0.95  # Keller Jordan's Muon default, torch's and DeepSpeed's too
 
 
+def ndim(p: torch.Tensor) -> int:
+    """The parameter's own rank: a ZeRO-3 partitioned one (built under deepspeed.zero.Init) is a 1-D
+    placeholder, its shape in ds_shape."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, params=None) -> list[dict]:
     # Decay matrices (embeddings, linears); never biases or norm gains (nanoGPT/GPT-3 practice).
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    decay = [p for p in params if ndim(p) >= 2]
+    no_decay = [p for p in params if ndim(p) < 2]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -112,7 +118,7 @@ def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
     found: dict[int, torch.Tensor] = {}
     for m in model.modules():
         if type(m).__name__ in blocks:
-            found.update({id(p): p for p in m.parameters() if p.requires_grad and p.ndim == 2})
+            found.update({id(p): p for p in m.parameters() if p.requires_grad and ndim(p) == 2})
     return list(found.values())
 
 

@@ -265,6 +265,22 @@ class DeepSpeedBackend:
             raise UsageError(f"no DeepSpeed checkpoint in {path}/deepspeed; resume from a checkpoint this backend wrote")
 
 
+def zero3_init(ds: str | dict, train, info: DistInfo, hidden_size: int | None):
+    """deepspeed.zero.Init for the run's resolved config: each module built under it is partitioned as soon
+    as it exists (zerokit.sharded_init). fp32 only (zerokit.backends.init_plan): under bf16/fp16 the fp32
+    masters are restored from the full fp32 weights (restore_fp32_masters), which a partitioned build never holds."""
+    import deepspeed
+
+    from zerokit.sharded_init import partitioning_init
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    deepspeed.comm.init_distributed(dist_init_required=False, verbose=False)  # our group: its config sees N ranks
+    ds = load_ds_json(ds) if isinstance(ds, (str, Path)) else ds
+    resolved = resolve_ds_config(ds, train, info.world_size, hidden_size, "fp32")
+    # No dtype=: DeepSpeed 0.19.8 reads an explicit one as bf16 on an accelerator without fp16 (the CPU:
+    # Init._set_dtype's precedence); from the config, bf16 and fp16 off, it is fp32.
+    return partitioning_init(resolved)
+
+
 def warn_stale_build_locks(max_age_s: float = 900) -> None:
     """DeepSpeed JIT-builds its CPU ops (shm_comm, cpu_adam) under a lock file; a build that was killed
     leaves the lock behind and every later run waits on it forever, silently. Say so before that wait."""

@@ -17,6 +17,7 @@ from zerokit.errors import UsageError
 from zerokit.models import block_classes
 from zerokit.optim import build_optimizer
 from zerokit.parallelize import split_for_tensor_parallel
+from zerokit.sharded_init import unit_materializer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,7 +39,9 @@ class FSDPBackend(LossScaledDCP):
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision], reduce_dtype=torch.float32) \
             if self.precision in _DTYPES else MixedPrecisionPolicy()
         # full_shard frees gathered weights after forward (ZeRO-3); shard_grad_op keeps them (ZeRO-2).
-        if not offload:
+        # A model built on meta (zerokit.sharded_init) gets each unit's weights just before that unit is sharded.
+        materialize = unit_materializer(model, None if offload else info.device)
+        if not offload and materialize is None:
             model.to(info.device)
         # Tensor parallelism first (its DTensors are then sharded over the data-parallel dimension: 2-D).
         mesh = split_for_tensor_parallel(model, info, megatron_sp) or init_device_mesh(info.device.type, (info.world_size,))
@@ -48,7 +51,11 @@ class FSDPBackend(LossScaledDCP):
         blocks = block_classes(model)
         for m in model.modules():
             if type(m).__name__ in blocks:
+                if materialize:
+                    materialize(m)
                 fully_shard(m, **kw)
+        if materialize:
+            materialize(model)
         fully_shard(model, **kw)
         self.model = self.module = model
         if train.get("compile"):

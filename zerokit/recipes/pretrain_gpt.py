@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from zerokit.backends import make_backend
+from zerokit.backends.init_plan import plan as init_plan
 from zerokit.config import save_config
 from zerokit.data.packed import BlockLoader
 from zerokit.dist import init_distributed
@@ -35,10 +36,11 @@ def main(cfg):
     tokenizer, data_dir = prepare_data(cfg.data, cache)
 
     t = cfg.train
+    init, zero_init = init_plan(cfg, info)  # ZeRO-3 / FSDP2: no rank builds the whole model
     model = build_causal_lm(cfg.model.preset, cfg.model.name_or_path, len(tokenizer), cfg.data.block_size,
                             cfg.model.dropout, cfg.model.grad_ckpt, t.seed, tokenizer.eos_token_id,
                             cfg.model.attn, cfg.model.sdpa_backend, cfg.model.kv_heads,
-                            cfg.model.router_aux_loss_coef)
+                            cfg.model.router_aux_loss_coef, init, zero_init)
     backend = make_backend(model, t, info, cfg.ds_config, cfg.fsdp, cfg.fsdp_offload, optim=cfg.optim,
                            megatron_sp=cfg.parallel.megatron_sp, pipeline_schedule=cfg.parallel.pipeline_schedule)
     loader = BlockLoader(data_dir, "train", cfg.data.block_size, t.micro_batch_size, t.grad_accum,
