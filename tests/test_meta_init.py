@@ -83,9 +83,9 @@ def test_a_parameter_the_init_misses_is_an_error():
         init_weights(model, 0)
 
 
-def plan_of(*overrides, precision="fp32"):
+def plan_of(*overrides, precision="fp32", tp=1, pp=1):
     cfg = load_config(REPO / "recipes" / "configs" / "pretrain_gpt.yaml", [f"train.precision={precision}", *overrides])
-    return plan(cfg, DistInfo(0, 2, 0, torch.device("cpu")))[0]
+    return plan(cfg, DistInfo(0, 2, 0, torch.device("cpu"), tensor_parallel=tp, pipeline_parallel=pp))[0]
 
 
 def test_the_plan_builds_sharded_only_where_it_can():
@@ -98,6 +98,9 @@ def test_the_plan_builds_sharded_only_where_it_can():
     assert plan_of("ds_config=zero3", precision="bf16") == "full"  # its fp32 masters come from whole fp32 weights
     assert plan_of("fsdp=full_shard", "model.sharded_init=false") == "full"
     assert plan_of("ds_config=zero3", "model.name_or_path=some/model", "data.tokenizer=some/model") == "full"
+    # tensor and pipeline parallelism split the whole weights (FSDP2 then shards what each rank keeps)
+    assert plan_of("fsdp=full_shard", tp=2) == "full"
+    assert plan_of("fsdp=full_shard", pp=2) == "full"
 
 
 STEPS = 3

@@ -10,8 +10,9 @@ from zerokit.backends.common import accelerate_deepspeed_config, deepspeed_confi
 def plan(cfg, info) -> tuple[str, Callable | None]:
     """Where a recipe builds its from-scratch preset: construct's mode, and for zero3 the factory of its
     deepspeed.zero.Init (given the model's config). full for a pretrained model, model.sharded_init=false,
-    tensor parallelism (its split needs the whole weights), ZeRO 0-2 and bf16/fp16 ZeRO-3."""
-    if cfg.model.get("name_or_path") or not cfg.model.get("sharded_init", True) or info.tensor_parallel > 1:
+    tensor or pipeline parallelism (their splits start from the whole weights), ZeRO 0-2 and bf16/fp16 ZeRO-3."""
+    if (cfg.model.get("name_or_path") or not cfg.model.get("sharded_init", True) or info.tensor_parallel > 1
+            or info.pipeline_parallel > 1):
         return "full", None
     if cfg.get("fsdp", "none") != "none":
         return "meta", None
