@@ -1,5 +1,6 @@
 """tests/test_meta_init.py's ranks: each run's model built as pretrain_gpt builds it (zerokit.backends.init_plan,
-then the engine), its weights gathered whole on rank 0 and compared with a one-process build; then the
+then the engine), its weights (and a 16-bit engine's fp32 masters) gathered whole on rank 0 and compared
+with a one-process build; then the
 recipe itself trains each run (the test compares those runs with one process).
 
     torchrun --nproc_per_node 2 tests/meta_init_worker.py OUT.json RUNS.json   (RUNS: name -> overrides)
@@ -39,6 +40,18 @@ def whole_weights(backend) -> dict[str, torch.Tensor]:
     return {k: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for k, p in module.named_parameters()}
 
 
+def fp32_masters(backend) -> dict[str, torch.Tensor]:
+    """A 16-bit DeepSpeed engine's fp32 master of every parameter, whole (collective under ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    return {k: safe_get_full_fp32_param(p).detach().clone() for k, p in backend.module.named_parameters()}
+
+
+def compare(got: dict, want: dict) -> dict:
+    return {"names_equal": sorted(got) == sorted(want),
+            "max_abs_diff": max(((got[k].float() - want[k].float()).abs().max().item() for k in want), default=0.0),
+            "all_equal": all(torch.equal(got[k], want[k]) for k in want)}
+
+
 def held_fraction(model) -> float:
     """Parameter elements this rank holds right after the build, over the model's (ZeRO-3 partitions its
     ds_tensor; a meta parameter holds none)."""
@@ -64,11 +77,17 @@ def main() -> None:
             held = held_fraction(model)
             backend = make_backend(model, cfg.train, info, cfg.ds_config, cfg.fsdp, optim=cfg.optim)
             got = whole_weights(backend)
+            masters = fp32_masters(backend) if backend.name == "deepspeed" and backend.precision != "fp32" else None
             if info.is_main:
-                want = dict(build(cfg).named_parameters())
-                result[name] = {"init": init, "held_at_build": held, "names_equal": sorted(got) == sorted(want),
-                                "max_abs_diff": max((got[k] - want[k]).abs().max().item() for k in want),
-                                "all_equal": all(torch.equal(got[k], want[k]) for k in want)}
+                want = {k: p.detach() for k, p in build(cfg).named_parameters()}  # one process, fp32
+                dtype = next(iter(got.values())).dtype  # a 16-bit engine's weights: the fp32 init rounded once
+                result[name] = {"init": init, "held_at_build": held,
+                                **compare(got, {k: v.to(dtype) for k, v in want.items()})}
+                buffers = {k: b for k, b in build(cfg).named_buffers()}
+                result[name]["buffers"] = compare(dict(backend.module.named_buffers()), buffers)
+                result[name]["buffer_dtypes"] = sorted({str(b.dtype) for b in backend.module.buffers()})
+                if masters is not None:
+                    result[name]["masters"] = compare(masters, want)
             del backend, model
             recipe.main(cfg)  # the same run through the recipe: trains, checkpoints
     finally:

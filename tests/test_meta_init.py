@@ -95,7 +95,8 @@ def test_the_plan_builds_sharded_only_where_it_can():
     assert plan_of("ds_config=zero3_offload") == "zero3"
     assert plan_of("ds_config=zero2") == "full"  # ZeRO 0-2 keep whole weights on every rank anyway
     assert plan_of() == "full"
-    assert plan_of("ds_config=zero3", precision="bf16") == "full"  # its fp32 masters come from whole fp32 weights
+    assert plan_of("ds_config=zero3", precision="bf16") == "zero3"  # fp32 masters recomputed per module
+    assert plan_of("ds_config=zero3", "model.sharded_init=false", precision="bf16") == "full"
     assert plan_of("fsdp=full_shard", "model.sharded_init=false") == "full"
     assert plan_of("ds_config=zero3", "model.name_or_path=some/model", "data.tokenizer=some/model") == "full"
     # tensor and pipeline parallelism split the whole weights (FSDP2 then shards what each rank keeps)
@@ -133,3 +134,37 @@ def test_two_rank_sharded_starts_equal_one_process(tmp_path, data_dir):
         assert max(abs(got[s] - ref_losses[s]) / ref_losses[s] for s in got) <= 1e-5, (name, got, ref_losses)
         weights = checkpoint_weights(tmp_path / name / "checkpoints" / f"step_{STEPS}")
         assert max((weights[k].float() - ref[k].float()).abs().max().item() for k in ref) <= 1e-5, name
+
+
+BF16_STEPS = 2
+
+
+@pytest.mark.slow
+def test_two_rank_bf16_zero3_sharded_start_equals_the_whole_start(tmp_path, data_dir):
+    """bf16 ZeRO-3 built under zero.Init (16-bit partitions, fp32 masters recomputed module by module) against
+    the whole-model bf16 ZeRO-3 start (model.sharded_init=false): both engines' gathered bf16 weights equal the
+    1-process fp32 build rounded once, their fp32 masters and buffers equal it exactly, and the two runs' losses
+    and final weights are identical.
+    GPT-2 (tied head, c_proj redrawn by its parent) and Llama (rotary buffers) both go through the sharded start;
+    bf16 is ~15x slower than fp32 on this CPU, hence tiny shapes and 2 steps."""
+    cache = tmp_path / "cache"
+    shared = [*TINY, f"train.max_steps={BF16_STEPS}", f"train.checkpoint_every={BF16_STEPS}", "sample.max_new_tokens=0",
+              "train.micro_batch_size=2", "train.precision=bf16", "ds_config=ds_configs/zero3.json",
+              f"data.cache_dir={cache}"]
+    runs = {"llama": [*shared, "model.preset=llama-tiny", f"run_dir={tmp_path / 'llama'}"],
+            "llama_whole": [*shared, "model.preset=llama-tiny", "model.sharded_init=false", f"run_dir={tmp_path / 'llama_whole'}"],
+            "gpt": [*shared, "model.preset=gpt-tiny", f"run_dir={tmp_path / 'gpt'}"]}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    run([*launcher(2), str(REPO / "tests" / "meta_init_worker.py"), str(tmp_path / "out.json"), str(tmp_path / "runs.json")])
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert [result[n]["init"] for n in runs] == ["zero3", "full", "zero3"]
+    assert result["llama"]["held_at_build"] <= 0.5 + 1e-3 and result["gpt"]["held_at_build"] <= 0.5 + 1e-3
+    for name in runs:
+        assert result[name]["names_equal"] and result[name]["all_equal"], (name, result[name])
+        assert result[name]["masters"]["names_equal"] and result[name]["masters"]["all_equal"], (name, result[name])
+        assert result[name]["buffers"]["all_equal"], (name, result[name])  # rotary tables stay fp32
+    sharded, whole = losses(tmp_path / "llama"), losses(tmp_path / "llama_whole")
+    assert sharded.keys() == whole.keys() and len(sharded) == BF16_STEPS
+    assert sharded == whole  # the same weights, masters and buffers: the same engine computes the same losses
+    final = [checkpoint_weights(tmp_path / n / "checkpoints" / f"step_{BF16_STEPS}") for n in ("llama", "llama_whole")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])

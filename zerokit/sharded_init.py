@@ -30,6 +30,8 @@ from torch import nn
 
 # FSDP2-bound models built on meta -> the seed their units are initialised with (see materialize).
 _PENDING: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+# Models built under a 16-bit zero.Init -> their seed: DeepSpeed's fp32 masters are set from it (fp32_inits).
+_ZERO3_16BIT: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -111,13 +113,9 @@ def construct(config, implementation: str, seed: int, mode: str = "full",
     """A from-scratch causal LM of `config`: mode full, meta (FSDP2 materialises it: materialize) or zero3
     (under `zero_init`, a deepspeed.zero.Init); see the module docstring."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
     where = {"full": contextlib.nullcontext(), "meta": init_empty_weights(include_buffers=False),
              "zero3": zero_init}[mode]
-    with no_init_weights(), where:  # no_init_weights: construction draws nothing; our init below sets every value
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=torch.float32)
-    model.tie_weights()  # no_init_weights also skipped the tying that init_weights does
+    model = _uninitialised(config, implementation, where)
     if mode == "full":
         if not any(p.is_meta for p in model.parameters()):  # built under torch.device("meta") (the lab's probe): no values
             init_weights(model, seed)
@@ -125,7 +123,31 @@ def construct(config, implementation: str, seed: int, mode: str = "full",
         _PENDING[model] = seed
     else:
         zero3_init_weights(model, seed)
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            _ZERO3_16BIT[model] = seed
+            _fp32_buffers(model, config, implementation)
     return model
+
+
+def _uninitialised(config, implementation: str, where: contextlib.AbstractContextManager) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    with no_init_weights(), where:  # no_init_weights: construction draws nothing; our init sets every value
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=torch.float32)
+    model.tie_weights()  # no_init_weights also skipped the tying that init_weights does
+    return model
+
+
+def _fp32_buffers(model: nn.Module, config, implementation: str) -> None:
+    """A 16-bit zero.Init creates every floating tensor in its dtype, buffers too (Llama's rotary inv_freq:
+    4e-3 relative off, 2e-5 on the first loss), where a whole build keeps them in fp32 (DeepSpeed casts only
+    parameters). Take them from a build on meta, whose buffers are real and fp32 (parameters cost nothing)."""
+    from accelerate import init_empty_weights
+    reference = dict(_uninitialised(config, implementation, init_empty_weights(include_buffers=False)).named_buffers())
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = reference[f"{prefix}.{name}" if prefix else name].to(buffer.device)
 
 
 @torch.no_grad()
@@ -142,6 +164,38 @@ def zero3_init_weights(model: nn.Module, seed: int) -> None:
             if rank == 0:
                 _initialise(name, module, init_fn, seed, owned)
         release_freed_memory()  # the module gathered whole, before the next one
+
+
+@torch.no_grad()
+def fp32_inits(model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]] | None:
+    """For a model built under a bf16/fp16 zero.Init: each parameter with its whole fp32 initial value, the
+    one a whole-model build has (its 16-bit partitions hold that value rounded). Computed on every rank
+    from (seed, name), module by module, with no communication: a module's ZeRO-3 placeholders are given
+    fp32 storage of their full shape (ds_shape) for its init and put back after. A parameter is yielded
+    once the last module that writes it (GPT-2's c_proj: also its parent) is done, then dropped, so a rank
+    holds about one module whole. None for any other model."""
+    if model not in _ZERO3_16BIT:
+        return None
+    seed, owned = _ZERO3_16BIT.pop(model), _owned(model)
+    order = [(name, module, fn, _touched(module)) for name, module, fn in init_order(model)]
+    last = {id(p): i for i, (*_, touched) in enumerate(order) for p in touched}
+
+    def values():
+        fp32: dict[int, torch.Tensor] = {}
+        for i, (name, module, init_fn, touched) in enumerate(order):
+            placeholders = [p.data for p in touched]
+            for p in touched:
+                p.data = fp32[id(p)] if id(p) in fp32 else torch.empty(tuple(p.ds_shape), dtype=torch.float32)
+            try:
+                _initialise(name, module, init_fn, seed, owned)
+                fp32.update((id(p), p.data) for p in touched)
+            finally:
+                for p, data in zip(touched, placeholders):
+                    p.data = data
+            for p in touched:
+                if last[id(p)] == i and id(p) in fp32:
+                    yield p, fp32.pop(id(p))
+    return values()
 
 
 def release_freed_memory() -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -20,6 +21,7 @@ from zerokit.dist import DistInfo
 from zerokit.errors import UsageError, read_settings_text
 from zerokit.locks import exclusive
 from zerokit.optim import build_optimizer, check_engine, set_lrs
+from zerokit.sharded_init import fp32_inits
 
 log = logging.getLogger("zerokit")
 
@@ -183,8 +185,11 @@ class DeepSpeedBackend:
         if name != "adamw":  # ZeRO wraps only the optimizers it lists unless told; these are tested here (tests/test_optimizers.py)
             self.ds_config["zero_allow_untested_optimizer"] = True
         params = [p for p in model.parameters() if p.requires_grad]
-        # The fp32 tensors themselves (no copy): DeepSpeed replaces each `.data` with its 16-bit cast.
-        fp32_weights = {id(p): p.data for p in params} if self.precision in ("bf16", "fp16") else {}
+        # Built under a 16-bit zero.Init: the fp32 values are recomputed module by module (sharded_init).
+        # Else the fp32 tensors themselves (no copy): DeepSpeed replaces each `.data` with its 16-bit cast.
+        fp32_weights = fp32_inits(model) if self.precision in ("bf16", "fp16") else {}
+        if fp32_weights is None:
+            fp32_weights = {id(p): p.data for p in params}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     model_parameters=params, dist_init_required=False)
         restore_fp32_masters(self.engine, fp32_weights)
@@ -267,17 +272,19 @@ class DeepSpeedBackend:
 
 def zero3_init(ds: str | dict, train, info: DistInfo, hidden_size: int | None):
     """deepspeed.zero.Init for the run's resolved config: each module built under it is partitioned as soon
-    as it exists (zerokit.sharded_init). fp32 only (zerokit.backends.init_plan): under bf16/fp16 the fp32
-    masters are restored from the full fp32 weights (restore_fp32_masters), which a partitioned build never holds."""
+    as it exists (zerokit.sharded_init), in the run's dtype. Under bf16/fp16 the 16-bit partitions hold the
+    init rounded; DeepSpeedBackend then sets the fp32 masters from the exact fp32 init (sharded_init.fp32_inits)."""
     import deepspeed
 
     from zerokit.sharded_init import partitioning_init
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
     deepspeed.comm.init_distributed(dist_init_required=False, verbose=False)  # our group: its config sees N ranks
     ds = load_ds_json(ds) if isinstance(ds, (str, Path)) else ds
-    resolved = resolve_ds_config(ds, train, info.world_size, hidden_size, "fp32")
+    precision = resolve_precision(train.precision, info.device)
+    check_fp16_supported(precision)
+    resolved = resolve_ds_config(ds, train, info.world_size, hidden_size, precision)
     # No dtype=: DeepSpeed 0.19.8 reads an explicit one as bf16 on an accelerator without fp16 (the CPU:
-    # Init._set_dtype's precedence); from the config, bf16 and fp16 off, it is fp32.
+    # Init._set_dtype's precedence); from the config it is bf16, fp16 or (both off) fp32.
     return partitioning_init(resolved)
 
 
@@ -295,11 +302,14 @@ def warn_stale_build_locks(max_age_s: float = 900) -> None:
                             "forever; delete it if no build is running", lock, (time.time() - lock.stat().st_mtime) / 60)
 
 
-def restore_fp32_masters(engine, fp32_weights: dict) -> None:
+def restore_fp32_masters(engine, fp32_weights: dict | Iterator[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     """DeepSpeed casts the module to 16 bits and then builds its fp32 masters *from the 16-bit copy*, so the
     masters would start as bf16/fp16-rounded weights (a pretrained model loses its low bits before the
-    first step). Write the original fp32 values back into them; the 16-bit weights are unchanged."""
-    if not fp32_weights:
+    first step). Write the original fp32 values back into them; the 16-bit weights are unchanged.
+    `fp32_weights`: id(param) -> its fp32 tensor, or (ZeRO-3 built under a 16-bit zero.Init) the
+    (param, whole fp32 value) pairs sharded_init.fp32_inits computes one module at a time. Each rank
+    writes its own partition (stage3 `set_full_hp_param`: no communication)."""
+    if isinstance(fp32_weights, dict) and not fp32_weights:
         return
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
@@ -315,9 +325,11 @@ def restore_fp32_masters(engine, fp32_weights: dict) -> None:
             for master, p in zip(masters, group):
                 master.data.copy_(fp32_weights[id(p)])
         return
-    for p in engine.module.parameters():
-        if id(p) in fp32_weights and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")):
-            safe_set_full_fp32_param(p, fp32_weights[id(p)])
+    pairs = fp32_weights if not isinstance(fp32_weights, dict) else (
+        (p, fp32_weights[id(p)]) for p in engine.module.parameters() if id(p) in fp32_weights)
+    for p, value in pairs:
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, value)
 
 
 # ---- resuming at another data-parallel size (universal checkpoints) -----------------------
