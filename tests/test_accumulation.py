@@ -64,7 +64,11 @@ def test_padded_accumulation_equals_one_big_batch(tmp_path):
     acc_losses, acc = _train(tmp_path / "acc", micro=2, accum=4)
     for s in big_losses:
         assert abs(acc_losses[s] - big_losses[s]) <= 1e-5 * big_losses[s]
-    assert max((acc[k] - big[k]).abs().max().item() for k in big) <= 1e-5
+    # Weights within 5% of one step (lr 1e-3): AdamW divides each element's gradient by its own scale, so an
+    # element whose exact gradient is ~0 (the attention key bias: softmax ignores a constant shift) moves by
+    # lr x rounding noise / (|noise| + eps) in each summation order (1.9e-5 measured on c_fc, 4.7e-6 on the
+    # key bias after 3 steps); the losses above hold to 1e-5 relative (4e-8 measured).
+    assert max((acc[k] - big[k]).abs().max().item() for k in big) <= 5e-5
     # A per-micro-batch mean (the common bug) weights short sequences up: it must differ here.
     seqs = PaddedWindows(2, 4).next_window()
     counts = [int((b["targets"] != -100).sum()) for b in seqs]
